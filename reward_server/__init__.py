@@ -1,0 +1,1 @@
+"""The reward server: scoring responses (see issue 4)."""

@@ -1,0 +1,1 @@
+"""The rollout server: VLM generation with perturbed views (see issue 3)."""

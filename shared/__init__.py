@@ -1,0 +1,1 @@
+"""Shared library: wire schemas, images, perturbations, the tiny model and synthetic data."""

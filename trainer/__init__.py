@@ -1,0 +1,1 @@
+"""The CPPO trainer: the objective and (later) the training loop."""

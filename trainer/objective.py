@@ -1,0 +1,292 @@
+"""The CPPO objective, one equation per function (Rezaei et al., arXiv 2601.00501).
+
+Every tensor is ``[batch, response_len]`` unless its docstring says otherwise; ``batch`` counts
+responses. ``response_mask`` is True on the valid response tokens (False on padding). Log-probs
+are of the *sampled* tokens, from logits divided by the rollout temperature. The three images are
+I (clean), I⁺ (information-preserving view) and I⁻ (information-removing view).
+
+Pure tensor functions only: no model, no I/O. ``policy_objective`` combines the terms for
+``grpo``, ``papo`` and ``cppo``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Algorithm = Literal["grpo", "papo", "cppo"]
+
+LOG_RATIO_LIMIT = 20.0
+K3_LIMIT = 10.0
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Σ M·x / max(Σ M, 1): the token-mean over valid tokens; 0 when there are none.
+
+    ``torch.where`` rather than a product, so that non-finite values on padding never leak in.
+    """
+    mask = mask.bool()
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def logprobs_and_entropy(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """ℓ_t = log softmax(z_t / T)[o_t] and H_t = −Σ_v p_v log p_v, for ``logits`` ``[B, L, V]``.
+
+    ``logits[:, t]`` must be the distribution the token ``token_ids[:, t]`` was drawn from.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = log_p.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return logp, entropy
+
+
+def grpo_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    """Â_i = (r_i − mean_group r) / (std_group r + ε), for ``rewards`` ``[num_groups, group_size]``.
+
+    std is the sample standard deviation (unbiased, as ``torch.std``), as in verl and OpenRLHF.
+    A group whose rewards are all equal gets advantages of exactly 0.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [num_groups, group_size], got shape {tuple(rewards.shape)}")
+    if rewards.shape[1] < 2:
+        raise ValueError("GRPO needs at least 2 responses per group (the std of one reward is undefined)")
+    rewards = rewards.float()
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
+    """Broadcast per-response advantages ``[B]`` to tokens ``[B, T]``; ``[B, T]`` passes through."""
+    return advantages.unsqueeze(-1).expand_as(like) if advantages.dim() == 1 else advantages
+
+
+def clipped_policy_loss(
+    logp: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """L_policy = token-mean of −min(ρ_t Â, clip(ρ_t, 1−ε_low, 1+ε_high) Â), ρ_t = exp(ℓ_t − ℓ_old,t).
+
+    With ``dual_clip`` = c (> 1), a token with Â < 0 loses at most −c·Â (Ye et al., 2020).
+    The log-ratio is clamped to ±20 so that one wild token cannot overflow exp.
+    ``advantages`` is ``[B]`` (broadcast to tokens) or ``[B, T]``.
+    Returns (loss, clip fraction: the share of valid tokens where the clipped term is the active one).
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    adv = _per_token(advantages, logp)
+    ratio = torch.exp(torch.clamp(logp - logp_old, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    clip_fraction = masked_mean((clipped > unclipped).float(), response_mask)
+    return masked_mean(loss, response_mask), clip_fraction.detach()
+
+
+def k3_divergence(logp: Tensor, logp_other: Tensor) -> Tensor:
+    """D = clamp(e^δ − δ − 1, −10, 10), δ = clamp(ℓ' − ℓ, −20, 20); ℓ the anchor, ℓ' the other view.
+
+    Elementwise. The k3 estimator of KL(anchor ‖ other) on tokens sampled from the anchor: ≥ 0,
+    and 0 exactly where the two log-probs agree.
+    """
+    delta = torch.clamp(logp_other - logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    return torch.clamp(torch.exp(delta) - delta - 1.0, -K3_LIMIT, K3_LIMIT)
+
+
+def reference_kl(logp: Tensor, logp_ref: Tensor, response_mask: Tensor) -> Tensor:
+    """L_KL = token-mean of k3(ℓ_t, ℓ_ref,t): the k3 estimate of KL(π_θ ‖ π_ref)."""
+    return masked_mean(k3_divergence(logp, logp_ref), response_mask)
+
+
+@torch.no_grad()
+def perception_token_mask(
+    entropy_clean: Tensor,
+    entropy_removed: Tensor,
+    response_mask: Tensor,
+    top_fraction: float = 0.5,
+) -> Tensor:
+    """M_t: the tokens whose entropy rises most when the image loses its information.
+
+    ΔH_t = H_t(I⁻) − H_t(I);  s_t = ReLU(ΔH_t) / (H_t(I⁻) + 1e-6).
+    Candidates: valid tokens with ΔH_t > 0, c_i of them in response i; k_i = max(1, ⌊p·c_i⌋).
+    Selected: the candidates whose score is ≥ the k_i-th largest candidate score of their response.
+    No candidates → an empty row. Padding is never selected. No gradient.
+    """
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    delta_h = entropy_removed.float() - entropy_clean.float()
+    score = torch.relu(delta_h) / (entropy_removed.float() + 1e-6)
+    candidates = response_mask.bool() & (delta_h > 0)
+    count = candidates.sum(dim=-1, keepdim=True)
+    k = torch.clamp(torch.floor(top_fraction * count.float()).long(), min=1)
+    ranked = torch.where(candidates, score, torch.full_like(score, -math.inf))
+    ranked = ranked.sort(dim=-1, descending=True).values
+    kth_largest = ranked.gather(-1, k - 1)
+    return candidates & (score >= kth_largest)
+
+
+def gate_by_advantage(mask: Tensor, advantages: Tensor) -> Tensor:
+    """M_t ← M_t · 1[Â_i > 0]: only responses that did better than their group keep perception tokens."""
+    return mask.bool() & (_per_token(advantages, mask.float()) > 0)
+
+
+def contrastive_perception_loss(
+    logp_anchor: Tensor,
+    logp_positive: Tensor,
+    logp_negative: Tensor,
+    mask: Tensor,
+    tau: float = 0.1,
+) -> Tensor:
+    """L_CPL = Σ M·CPL_t / max(Σ M, 1), CPL_t = softplus((D⁺_t − D⁻_t) / τ).
+
+    D⁺_t = k3(ℓ_t(I), ℓ_t(I⁺)), D⁻_t = k3(ℓ_t(I), ℓ_t(I⁻)). This is InfoNCE with one positive and one
+    negative and similarity −D: −log(e^{−D⁺/τ} / (e^{−D⁺/τ} + e^{−D⁻/τ})). It pulls the anchor towards
+    the preserving view and away from the removing one; gradients flow through all three log-probs.
+    Identical views give log 2 per selected token; an empty mask gives exactly 0.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    d_positive = k3_divergence(logp_anchor, logp_positive)
+    d_negative = k3_divergence(logp_anchor, logp_negative)
+    return masked_mean(F.softplus((d_positive - d_negative) / tau), mask)
+
+
+def implicit_perception_loss(logp_clean: Tensor, logp_masked: Tensor, response_mask: Tensor) -> Tensor:
+    """PAPO's KL_prcp = token-mean of k3(ℓ_t(I), ℓ_t(I_mask)) (Wang et al., arXiv 2507.06448).
+
+    PAPO *maximises* it, so ``policy_objective`` subtracts γ·KL_prcp from the loss.
+    """
+    return masked_mean(k3_divergence(logp_clean, logp_masked), response_mask)
+
+
+def double_entropy_loss(
+    logp_clean: Tensor,
+    logp_masked: Tensor,
+    response_mask: Tensor,
+    eta_clean: float = 0.03,
+    eta_masked: float = 0.03,
+) -> Tensor:
+    """PAPO's regulariser η₁·Ĥ(I) + η₂·Ĥ(I_mask), Ĥ = token-mean of −ℓ_t (the sampled-token estimate).
+
+    Minimised, it keeps the policy from "hacking" KL_prcp by making its masked-image outputs
+    arbitrarily flat.
+    """
+    entropy_clean = masked_mean(-logp_clean, response_mask)
+    entropy_masked = masked_mean(-logp_masked, response_mask)
+    return eta_clean * entropy_clean + eta_masked * entropy_masked
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Coefficients of the objective; the defaults are the CPPO paper's."""
+
+    algorithm: Algorithm = "cppo"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    beta: float = 0.0
+    cpl_coef: float = 0.01
+    tau: float = 0.1
+    top_fraction: float = 0.5
+    papo_gamma: float = 0.01
+    papo_eta_clean: float = 0.03
+    papo_eta_masked: float = 0.03
+
+
+@dataclass
+class ObjectiveInputs:
+    """One micro-batch, teacher-forced on the same token ids under each image.
+
+    ``logp`` is ℓ_t(I) (with gradient), ``logp_old`` the behaviour policy's (no gradient),
+    ``advantages`` ``[B]`` or ``[B, T]``. CPPO needs ``logp_positive``/``logp_negative`` (ℓ under
+    I⁺/I⁻, with gradient) and ``entropy``/``entropy_negative`` (H under I/I⁻). PAPO needs
+    ``logp_masked``. ``logp_ref`` is needed when β > 0.
+    """
+
+    logp: Tensor
+    logp_old: Tensor
+    advantages: Tensor
+    response_mask: Tensor
+    logp_ref: Tensor | None = None
+    logp_positive: Tensor | None = None
+    logp_negative: Tensor | None = None
+    entropy: Tensor | None = None
+    entropy_negative: Tensor | None = None
+    logp_masked: Tensor | None = None
+
+
+def _require(inputs: ObjectiveInputs, algorithm: str, *names: str) -> list[Tensor]:
+    missing = [name for name in names if getattr(inputs, name) is None]
+    if missing:
+        raise ValueError(f"algorithm {algorithm!r} needs inputs {', '.join(missing)}")
+    return [getattr(inputs, name) for name in names]
+
+
+def policy_objective(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss to minimise and its parts, for ``config.algorithm``:
+
+    grpo:  L = L_policy + β·L_KL
+    papo:  L = L_policy + β·L_KL − γ·KL_prcp + η₁·Ĥ(I) + η₂·Ĥ(I_mask)
+    cppo:  L = L_policy + β·L_KL + λ·L_CPL, on the advantage-gated perception tokens
+
+    The metrics are detached scalars.
+    """
+    mask = inputs.response_mask.bool()
+    policy_loss, clip_fraction = clipped_policy_loss(
+        inputs.logp,
+        inputs.logp_old,
+        inputs.advantages,
+        mask,
+        eps_low=config.eps_low,
+        eps_high=config.eps_high,
+        dual_clip=config.dual_clip,
+    )
+    loss = policy_loss
+    metrics = {"policy_loss": policy_loss.detach(), "clip_fraction": clip_fraction}
+
+    if config.beta > 0:
+        (logp_ref,) = _require(inputs, "beta > 0", "logp_ref")
+        kl = reference_kl(inputs.logp, logp_ref, mask)
+        loss = loss + config.beta * kl
+        metrics["kl_loss"] = kl.detach()
+
+    if config.algorithm == "papo":
+        (logp_masked,) = _require(inputs, "papo", "logp_masked")
+        kl_prcp = implicit_perception_loss(inputs.logp, logp_masked, mask)
+        entropy_reg = double_entropy_loss(
+            inputs.logp, logp_masked, mask, config.papo_eta_clean, config.papo_eta_masked
+        )
+        loss = loss - config.papo_gamma * kl_prcp + entropy_reg
+        metrics["perception_kl"] = kl_prcp.detach()
+        metrics["entropy_loss"] = entropy_reg.detach()
+    elif config.algorithm == "cppo":
+        logp_positive, logp_negative, entropy, entropy_negative = _require(
+            inputs, "cppo", "logp_positive", "logp_negative", "entropy", "entropy_negative"
+        )
+        perception = perception_token_mask(entropy, entropy_negative, mask, config.top_fraction)
+        perception = gate_by_advantage(perception, inputs.advantages)
+        cpl = contrastive_perception_loss(inputs.logp, logp_positive, logp_negative, perception, config.tau)
+        loss = loss + config.cpl_coef * cpl
+        metrics["cpl_loss"] = cpl.detach()
+        metrics["perception_token_fraction"] = masked_mean(perception.float(), mask).detach()
+        metrics["entropy_shift"] = masked_mean(entropy_negative - entropy, mask).detach()
+    elif config.algorithm != "grpo":
+        raise ValueError(f"algorithm must be one of grpo, papo, cppo; got {config.algorithm!r}")
+
+    metrics["loss"] = loss.detach()
+    return loss, metrics
