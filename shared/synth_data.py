@@ -108,7 +108,11 @@ def make_example(rng: np.random.Generator, index: int, split: str, size: int) ->
         answer = str(count)
     else:
         side = str(rng.choice(POSITIONS))
-        lo, hi = (radius + 1, size // 2 - radius // 2) if side == "left" else (size // 2 + radius // 2, size - radius - 1)
+        lo, hi = (
+            (radius + 1, size // 2 - radius // 2)
+            if side == "left"
+            else (size // 2 + radius // 2, size - radius - 1)
+        )
         centre = (int(rng.integers(lo, hi + 1)), int(rng.integers(radius + 1, size - radius)))
         shapes = [ShapeSpec(kind, colour, centre, radius)]
         answer = {"colour": colour, "shape": kind, "position": side}[task]

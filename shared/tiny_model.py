@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -49,9 +48,6 @@ SPECIAL_TOKENS = (
 )
 # The paper's answer format; whole tokens so that a tiny policy can emit them in one step.
 FORMAT_TOKENS = ("<think>", "</think>", "\\boxed{", "<answer>", "</answer>")
-
-# Same pre-tokenisation as Qwen2's tokenizer, so that text splits the way it does on a real checkpoint.
-_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # Qwen2-VL's chat template, restricted to what a message can hold here: text and image parts.
 CHAT_TEMPLATE = (
@@ -101,32 +97,15 @@ PROFILES: dict[str, TinyDims] = {
 
 
 def train_tokenizer(vocab_size: int = 2048) -> Qwen2Tokenizer:
-    """Train a byte-level BPE on the synthetic task's language, with the Qwen-VL special tokens."""
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_PRETOKENIZE), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
+    """Train a byte-level BPE on the synthetic task's language, with the Qwen-VL special tokens.
+
+    Training from ``Qwen2Tokenizer`` keeps Qwen2's normaliser, pre-tokeniser and decoder, so text
+    splits as it does on a real checkpoint (digits one by one, for example).
+    """
+    tokenizer = Qwen2Tokenizer().train_new_from_iterator(
+        synth_data.corpus(), vocab_size=vocab_size, new_special_tokens=list(SPECIAL_TOKENS[1:])
     )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(synth_data.corpus(), trainer=trainer)
-    vocab = bpe.get_vocab()
-    merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
-    )
+    tokenizer.eos_token = "<|im_end|>"
     tokenizer.add_tokens(list(FORMAT_TOKENS))
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
+)
 
 
 class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):

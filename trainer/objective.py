@@ -35,7 +35,9 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return total / mask.sum().clamp(min=1)
 
 
-def logprobs_and_entropy(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def logprobs_and_entropy(
+    logits: Tensor, token_ids: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """ℓ_t = log softmax(z_t / T)[o_t] and H_t = −Σ_v p_v log p_v, for ``logits`` ``[B, L, V]``.
 
     ``logits[:, t]`` must be the distribution the token ``token_ids[:, t]`` was drawn from.

@@ -1,0 +1,98 @@
+"""The ``cppo`` command line: one entry point, a subcommand per job.
+
+Heavy imports (torch, transformers) happen inside the subcommands, so ``cppo --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], None]
+
+
+def _tiny_model(args: argparse.Namespace) -> None:
+    from shared.tiny_model import build_tiny_model
+
+    start = time.perf_counter()
+    out = build_tiny_model(args.dir, profile=args.profile, seed=args.seed)
+    print(f"tiny Qwen2.5-VL ({args.profile} profile) written to {out} in {time.perf_counter() - start:.2f} s")
+
+
+def _synth_data(args: argparse.Namespace) -> None:
+    from shared.synth_data import SynthSettings, write_dataset
+
+    settings = SynthSettings(train=args.train, test=args.test, seed=args.seed, image_size=args.image_size)
+    out = write_dataset(args.dir, settings)
+    print(f"synthetic dataset written to {out}: {args.train} train and {args.test} test examples")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cppo",
+        description="Contrastive Perception Policy Optimization for vision-language models.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    tiny = commands.add_parser(
+        "tiny-model",
+        help="build a tiny random Qwen2.5-VL (model, tokenizer, processor) offline",
+        description="Build a tiny Qwen2.5-VL-architecture model with random weights, a locally trained "
+        "tokenizer and an image processor, saved with save_pretrained so that the usual "
+        "from_pretrained calls load it.",
+    )
+    tiny.add_argument("dir", type=Path, help="output folder (created if missing)")
+    tiny.add_argument(
+        "--profile",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="transformers: smallest, for the CPU backend; vllm: head size 64, as vLLM kernels need "
+        "(default: %(default)s)",
+    )
+    tiny.add_argument("--seed", type=_non_negative_int, default=0, help="weight init seed (default: 0)")
+    tiny.set_defaults(handler=_tiny_model)
+
+    synth = commands.add_parser(
+        "synth-data",
+        help="render a synthetic perception dataset (EasyR1/ViRL39K layout)",
+        description="Render images of shapes with questions that need the image (colour, shape, count, "
+        "position) and write train.parquet and test.parquet (columns problem, answer, images) plus the "
+        "PNG files.",
+    )
+    synth.add_argument("dir", type=Path, help="output folder (created if missing)")
+    synth.add_argument("--train", type=_non_negative_int, default=2000, help="train examples (default: 2000)")
+    synth.add_argument("--test", type=_non_negative_int, default=200, help="test examples (default: 200)")
+    synth.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
+    synth.add_argument(
+        "--image-size", type=int, default=112, help="image side in pixels, 56..1024 (default: 112)"
+    )
+    synth.set_defaults(handler=_synth_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        handler(args)
+    except (ValueError, OSError) as error:
+        print(f"cppo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cppo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The ``cppo`` console script, run as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import load_dataset
+
+from shared.vlm import load_model, load_processor
+
+CPPO = str(Path(sys.executable).parent / "cppo")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CPPO, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_the_subcommands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("tiny-model", "synth-data"):
+        assert command in result.stdout
+    assert "--profile" in run("tiny-model", "--help").stdout
+
+
+@pytest.mark.parametrize("profile", ["transformers", "vllm"])
+def test_tiny_model_command_builds_a_loadable_model(tmp_path, profile):
+    result = run("tiny-model", str(tmp_path / "m"), "--profile", profile)
+    assert result.returncode == 0, result.stderr
+    assert "written to" in result.stdout
+    model = load_model(tmp_path / "m")
+    assert model.config.model_type == "qwen2_5_vl"
+    assert load_processor(tmp_path / "m").tokenizer.convert_tokens_to_ids("<|image_pad|>") is not None
+
+
+def test_synth_data_command_writes_both_splits(tmp_path):
+    result = run("synth-data", str(tmp_path / "d"), "--train", "8", "--test", "4", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    data = load_dataset(
+        "parquet", data_files={s: str(tmp_path / "d" / f"{s}.parquet") for s in ("train", "test")}
+    )
+    assert (data["train"].num_rows, data["test"].num_rows) == (8, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("synth-data", "x", "--train", "-3"), "--train: must be >= 0"),
+        (("synth-data", "x", "--image-size", "9"), "--image-size must be between 56 and 1024"),
+        (("tiny-model", "x", "--profile", "jax"), "invalid choice: 'jax'"),
+        (("no-such-command",), "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line_and_no_traceback(tmp_path, args, message):
+    result = subprocess.run([CPPO, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unwritable_output_folder_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run("synth-data", str(blocker / "d"), "--train", "1", "--test", "1")
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
