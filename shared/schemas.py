@@ -1,0 +1,568 @@
+"""The wire schemas of the three services, defined once and imported by both sides of every call.
+
+* trainer -> rollout server: ``POST /v1/rollouts`` (:class:`RolloutRequest` -> :class:`RolloutResponse`),
+  ``POST /v1/weights`` (:class:`WeightsUpdate` -> :class:`WeightsStatus`);
+* trainer -> reward server: ``POST /v1/score`` (:class:`ScoreRequest` -> :class:`ScoreResponse`), and
+  OpenRLHF's remote reward protocol, ``POST /get_reward``
+  (:class:`OpenRLHFRewardRequest` -> :class:`OpenRLHFRewardResponse`);
+* every service: :class:`Health`, :class:`Readiness`, and :class:`ErrorResponse` as the body of a 4xx.
+
+Models we own forbid unknown fields, so a misspelled field is a 422 that names it rather than a setting
+silently ignored. The OpenAI-compatible chat models and the OpenRLHF models ignore unknown fields,
+since their clients send fields we have no use for.
+
+Every list and string is bounded by the constants below; they bound what a single field may hold, and
+the HTTP layer bounds the size of a whole request body.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
+
+from shared.perturbations import SEED_LIMIT, TRANSFORMS_BY_KIND, ViewSpec
+
+MAX_PROMPTS_PER_REQUEST = 1024
+"""Prompts in one rollout request."""
+MAX_SAMPLES_PER_PROMPT = 64
+"""Samples drawn per prompt and image view (``RolloutRequest.n``)."""
+MAX_TOKENS = 32768
+"""Tokens one sample may generate."""
+MAX_PROMPT_TOKENS = 131_072
+"""Tokens of one prompt, image tokens included."""
+MAX_TEXT_CHARS = 1_000_000
+"""Characters of one text: a message, a response, a ground truth."""
+MAX_MESSAGES = 256
+"""Messages in one conversation."""
+MAX_CONTENT_PARTS = 256
+"""Content parts in one message."""
+MAX_IMAGES_PER_PROMPT = 32
+"""Images across all messages of one prompt."""
+MAX_IMAGE_URL_CHARS = 30_000_000
+"""Characters of one image URL: a base64 data: URL of a 20 MiB file, with room for its header."""
+MAX_VIEWS_PER_PROMPT = 3 * MAX_IMAGES_PER_PROMPT
+"""Views returned for one prompt: one per image and perturbation kind."""
+MAX_TRANSFORMS = 16
+"""Transforms named in one view request."""
+MAX_STOP_SEQUENCES = 16
+"""Stop strings in one sampling request."""
+MAX_STOP_CHARS = 256
+"""Characters of one stop string."""
+MAX_ID_CHARS = 256
+"""Characters of a prompt or score item id."""
+MAX_NAME_CHARS = 128
+"""Characters of a name: a transform, a reward function, a log key, an error code."""
+MAX_PATH_CHARS = 4096
+"""Characters of a filesystem path."""
+MAX_DETAIL_CHARS = 16_384
+"""Characters of a human-readable detail or error message."""
+MAX_SCORE_ITEMS = 10_000
+"""Items in one score request, and queries in one OpenRLHF reward request."""
+MAX_REWARD_COMPONENTS = 64
+"""Reward functions weighted in one item, components in one result, keys in a ``meta`` or log dict."""
+MAX_TEMPERATURE = 2.0
+"""Highest sampling temperature, as in the OpenAI API."""
+MAX_TOP_K = 1 << 20
+"""Highest top-k; above any vocabulary size in use."""
+TOKEN_ID_LIMIT = 2**31
+"""Token ids are in ``[0, TOKEN_ID_LIMIT)``: they fit an int32, and vocabularies are far smaller."""
+
+ImageView = Literal["clean", "positive", "negative"]
+"""Which image a sample was drawn on: the original, or one of its perturbed views."""
+IMAGE_VIEWS: tuple[str, ...] = get_args(ImageView)
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
+Version = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+
+
+class _Owned(BaseModel):
+    """A model of our own API: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Compatible(BaseModel):
+    """A model of someone else's protocol: unknown fields are dropped."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# --- chat content (OpenAI format) -----------------------------------------------------------------
+
+
+class TextPart(_Compatible):
+    """A text part of a message's content."""
+
+    type: Literal["text"] = Field(description="Always 'text'.")
+    text: Text = Field(description="The text.")
+
+
+class ImageURL(_Compatible):
+    """Where an image part's image is."""
+
+    url: str = Field(
+        min_length=1,
+        max_length=MAX_IMAGE_URL_CHARS,
+        description="A data:image/{png,jpeg,webp};base64 URL, or a file:// URL where the server allows one.",
+    )
+    detail: Literal["auto", "low", "high"] = Field(
+        default="auto", description="OpenAI's resolution hint; accepted for compatibility."
+    )
+
+
+class ImagePart(_Compatible):
+    """An image part of a message's content."""
+
+    type: Literal["image_url"] = Field(description="Always 'image_url'.")
+    image_url: ImageURL = Field(description="The image.")
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+def _content_kind(content: Any) -> str:
+    """Which way a message's content is written: ``text`` or a list of ``parts``."""
+    return "text" if isinstance(content, str) else "parts"
+
+
+# Tagged, so that an error is reported once, under 'content.parts.<i>' or 'content.text', rather than
+# once for each way the content could have been read.
+MessageContent = Annotated[
+    Annotated[Text, Tag("text")]
+    | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS), Tag("parts")],
+    Discriminator(_content_kind),
+]
+
+
+class ChatMessage(_Compatible):
+    """One message of a conversation, in the OpenAI chat format."""
+
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
+    content: MessageContent = Field(
+        description="Plain text, or a list of text and image parts in reading order."
+    )
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the message's images, in order."""
+        if isinstance(self.content, str):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImagePart)]
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+class SamplingParams(_Owned):
+    """How responses are sampled."""
+
+    temperature: float = Field(
+        default=1.0, ge=0.0, le=MAX_TEMPERATURE, description="Softmax temperature; 0 is greedy."
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 is off.")
+    top_k: int = Field(
+        default=-1, ge=-1, le=MAX_TOP_K, description="Sample among the k likeliest tokens; -1 is off."
+    )
+    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS, description="Most tokens a sample generates.")
+    stop: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_SEQUENCES,
+        description="Strings that end a sample; the stop string is not part of the text.",
+    )
+    seed: Seed | None = Field(
+        default=None, description="Seed for reproducible sampling; none draws fresh randomness."
+    )
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_not_zero(cls, top_k: int) -> int:
+        # Engines disagree on what 0 means; one spelling of "off" avoids the question.
+        if top_k == 0:
+            raise ValueError("top_k must be -1 (off) or at least 1, not 0")
+        return top_k
+
+
+# --- views ---------------------------------------------------------------------------------------
+
+
+class ViewRequest(_Owned):
+    """Which perturbed view of each image to make."""
+
+    transforms: list[Name] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_TRANSFORMS,
+        description="Transforms to draw one from; none means the kind's default set.",
+    )
+    seed: Seed | None = Field(
+        default=None, description="Seed of the perturbation; none derives one per prompt and image."
+    )
+
+
+class ViewsRequest(_Owned):
+    """The perturbed views to make of each prompt's images; a null kind is not made."""
+
+    positive: ViewRequest | None = Field(
+        default_factory=ViewRequest, description="Information-preserving view (I+), or null for none."
+    )
+    negative: ViewRequest | None = Field(
+        default_factory=ViewRequest, description="Information-removing view (I-), or null for none."
+    )
+
+    @field_validator("positive", "negative")
+    @classmethod
+    def _transforms_of_kind(cls, view: ViewRequest | None, info: ValidationInfo) -> ViewRequest | None:
+        if view is None or view.transforms is None:
+            return view
+        allowed = TRANSFORMS_BY_KIND[info.field_name]
+        for name in view.transforms:
+            if name not in allowed:
+                raise ValueError(
+                    f"{name!r} is not a {info.field_name} transform; choose from {list(allowed)}"
+                )
+        return view
+
+
+class View(_Owned):
+    """One perturbed view of one of a prompt's images, and how it was made."""
+
+    kind: Literal["positive", "negative", "masked"] = Field(description="The perturbation kind.")
+    image_index: int = Field(
+        default=0,
+        ge=0,
+        lt=MAX_IMAGES_PER_PROMPT,
+        description="Which of the prompt's images, counted in reading order from 0.",
+    )
+    image_url: str = Field(
+        max_length=MAX_IMAGE_URL_CHARS, description="The view, as a data:image/png;base64 URL."
+    )
+    spec: ViewSpec = Field(description="Kind, transform, drawn parameters and seed; rebuilds the view.")
+
+    @field_validator("image_url")
+    @classmethod
+    def _data_url(cls, url: str) -> str:
+        if not url.startswith("data:image/"):
+            raise ValueError("a view's image_url must be a data:image/... URL")
+        return url
+
+    @field_validator("spec")
+    @classmethod
+    def _spec_of_kind(cls, spec: ViewSpec, info: ValidationInfo) -> ViewSpec:
+        kind = info.data.get("kind")
+        if kind is not None and spec.kind != kind:
+            raise ValueError(f"spec.kind is {spec.kind!r} but the view's kind is {kind!r}")
+        return spec
+
+
+# --- rollouts ------------------------------------------------------------------------------------
+
+
+class RolloutPrompt(_Owned):
+    """One prompt to sample responses to."""
+
+    prompt_id: Id = Field(description="The caller's id for the prompt, unique within a request.")
+    messages: list[ChatMessage] = Field(
+        min_length=1, max_length=MAX_MESSAGES, description="The conversation to continue."
+    )
+
+    @field_validator("messages")
+    @classmethod
+    def _image_count(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        count = sum(len(message.image_urls()) for message in messages)
+        if count > MAX_IMAGES_PER_PROMPT:
+            raise ValueError(
+                f"the messages hold {count} images, more than the limit of {MAX_IMAGES_PER_PROMPT}"
+            )
+        return messages
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the prompt's images, in reading order: ``View.image_index`` counts in it."""
+        return [url for message in self.messages for url in message.image_urls()]
+
+
+class RolloutRequest(_Owned):
+    """``POST /v1/rollouts``: sample ``n`` responses per prompt and per image view in ``sample_on``."""
+
+    prompts: list[RolloutPrompt] = Field(
+        min_length=1, max_length=MAX_PROMPTS_PER_REQUEST, description="The prompts; ids unique."
+    )
+    n: int = Field(
+        default=1, ge=1, le=MAX_SAMPLES_PER_PROMPT, description="Samples per prompt and per image view."
+    )
+    sampling: SamplingParams = Field(default_factory=SamplingParams, description="How to sample.")
+    views: ViewsRequest = Field(
+        default_factory=ViewsRequest, description="Perturbed views to make and return with each prompt."
+    )
+    sample_on: list[ImageView] = Field(
+        default_factory=lambda: ["clean"],
+        min_length=1,
+        max_length=len(IMAGE_VIEWS),
+        description="Images to sample on: the clean prompt, and any requested view in place of its images.",
+    )
+
+    @field_validator("prompts")
+    @classmethod
+    def _unique_prompt_ids(cls, prompts: list[RolloutPrompt]) -> list[RolloutPrompt]:
+        seen: set[str] = set()
+        for prompt in prompts:
+            if prompt.prompt_id in seen:
+                raise ValueError(f"prompt_id {prompt.prompt_id!r} appears more than once")
+            seen.add(prompt.prompt_id)
+        return prompts
+
+    @field_validator("sample_on")
+    @classmethod
+    def _sample_on_requested_views(cls, sample_on: list[ImageView], info: ValidationInfo) -> list[ImageView]:
+        if len(set(sample_on)) != len(sample_on):
+            raise ValueError(f"sample_on lists an image view more than once: {sample_on}")
+        # Missing when `views` failed validation itself; that error is reported on its own.
+        views: ViewsRequest | None = info.data.get("views")
+        for view in sample_on:
+            if view != "clean" and views is not None and getattr(views, view) is None:
+                raise ValueError(f"sample_on has {view!r} but views.{view} is null; request that view")
+        return sample_on
+
+
+class Sample(_Owned):
+    """One sampled response."""
+
+    prompt_id: Id = Field(description="The prompt it answers.")
+    sample_index: int = Field(
+        ge=0, lt=MAX_SAMPLES_PER_PROMPT, description="Index among the prompt's samples on this image view."
+    )
+    image_view: ImageView = Field(default="clean", description="The image it was sampled on.")
+    token_ids: list[TokenId] = Field(max_length=MAX_TOKENS, description="The generated tokens.")
+    text: Text = Field(description="The generated tokens, detokenised.")
+    logprobs: list[FiniteFloat] = Field(
+        max_length=MAX_TOKENS,
+        description="Log-probability of each generated token under the sampling policy, one per token.",
+    )
+    finish_reason: Literal["stop", "length", "abort"] = Field(
+        description="'stop': an end token or stop string; 'length': max_tokens; 'abort': cut short."
+    )
+    policy_version: Version = Field(description="The weights version that sampled it.")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _one_logprob_per_token(cls, logprobs: list[float], info: ValidationInfo) -> list[float]:
+        token_ids = info.data.get("token_ids")
+        if token_ids is not None and len(logprobs) != len(token_ids):
+            raise ValueError(
+                f"logprobs has {len(logprobs)} entries but token_ids has {len(token_ids)}; "
+                "there must be one per token"
+            )
+        return logprobs
+
+
+class PromptRollout(_Owned):
+    """One prompt's rollouts: its tokens, its views, and its samples."""
+
+    prompt_id: Id = Field(description="The prompt's id, as requested.")
+    prompt_token_ids: list[TokenId] = Field(
+        max_length=MAX_PROMPT_TOKENS, description="The clean prompt's tokens, chat template applied."
+    )
+    views: list[View] = Field(
+        default_factory=list, max_length=MAX_VIEWS_PER_PROMPT, description="The views made of its images."
+    )
+    samples: list[Sample] = Field(
+        max_length=len(IMAGE_VIEWS) * MAX_SAMPLES_PER_PROMPT,
+        description="``n`` samples per image view sampled on.",
+    )
+
+    @field_validator("samples")
+    @classmethod
+    def _samples_of_this_prompt(cls, samples: list[Sample], info: ValidationInfo) -> list[Sample]:
+        prompt_id = info.data.get("prompt_id")
+        for sample in samples:
+            if prompt_id is not None and sample.prompt_id != prompt_id:
+                raise ValueError(f"a sample of prompt {sample.prompt_id!r} is listed under {prompt_id!r}")
+        return samples
+
+
+class RolloutResponse(_Owned):
+    """The answer to ``POST /v1/rollouts``."""
+
+    policy_version: Version = Field(description="The weights version loaded when the request finished.")
+    prompts: list[PromptRollout] = Field(
+        max_length=MAX_PROMPTS_PER_REQUEST, description="One entry per requested prompt, in request order."
+    )
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+
+class WeightsUpdate(_Owned):
+    """``POST /v1/weights``: load new policy weights."""
+
+    path: str = Field(
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="Folder of the checkpoint, as the server sees it.",
+    )
+    version: Version = Field(description="The policy version the weights are; samples are tagged with it.")
+
+
+class WeightsStatus(_Owned):
+    """The policy weights a rollout server holds."""
+
+    version: Version = Field(description="The loaded policy version; 0 is the initial model.")
+    path: str | None = Field(
+        default=None, max_length=MAX_PATH_CHARS, description="Where the weights were loaded from."
+    )
+    loaded_at: datetime | None = Field(default=None, description="When they were loaded.")
+
+
+# --- rewards -------------------------------------------------------------------------------------
+
+
+class ScoreItem(_Owned):
+    """One response to score."""
+
+    id: Id = Field(description="The caller's id for the item, unique within a request.")
+    response: Text = Field(description="The policy's response.")
+    ground_truth: Text = Field(description="The reference answer.")
+    reward: (
+        Name | Annotated[dict[Name, FiniteFloat], Field(min_length=1, max_length=MAX_REWARD_COMPONENTS)]
+    ) = Field(description="A reward function's name, or a weight per reward function name.")
+    meta: dict[str, Any] | None = Field(
+        default=None,
+        max_length=MAX_REWARD_COMPONENTS,
+        description="Anything else the reward functions take (the question, the task), passed through.",
+    )
+
+
+class ScoreRequest(_Owned):
+    """``POST /v1/score``: score responses against ground truths."""
+
+    items: list[ScoreItem] = Field(max_length=MAX_SCORE_ITEMS, description="The items; ids unique.")
+
+    @field_validator("items")
+    @classmethod
+    def _unique_ids(cls, items: list[ScoreItem]) -> list[ScoreItem]:
+        seen: set[str] = set()
+        for item in items:
+            if item.id in seen:
+                raise ValueError(f"id {item.id!r} appears more than once")
+            seen.add(item.id)
+        return items
+
+
+class ScoreResult(_Owned):
+    """One item's score."""
+
+    id: Id = Field(description="The item's id.")
+    reward: FiniteFloat = Field(description="The weighted sum of the components; 0 unless status is 'ok'.")
+    components: dict[Name, FiniteFloat] = Field(
+        default_factory=dict, max_length=MAX_REWARD_COMPONENTS, description="Each reward function's score."
+    )
+    status: Literal["ok", "timeout", "error"] = Field(
+        description="'ok', or why the item could not be scored."
+    )
+    detail: str | None = Field(
+        default=None, max_length=MAX_DETAIL_CHARS, description="What went wrong, when status is not 'ok'."
+    )
+
+
+class ScoreResponse(_Owned):
+    """The answer to ``POST /v1/score``."""
+
+    results: list[ScoreResult] = Field(
+        max_length=MAX_SCORE_ITEMS, description="One result per item, in request order."
+    )
+
+
+class OpenRLHFRewardRequest(_Compatible):
+    """``POST /get_reward``, OpenRLHF's remote reward model protocol."""
+
+    query: list[Text] = Field(
+        max_length=MAX_SCORE_ITEMS, description="Prompt and response, as one decoded text per sample."
+    )
+    prompts: list[Text] = Field(
+        default_factory=list, max_length=MAX_SCORE_ITEMS, description="The prompts, one per query, or none."
+    )
+    labels: list[Text] = Field(
+        default_factory=list,
+        max_length=MAX_SCORE_ITEMS,
+        description="The ground-truth answers, one per query, or none.",
+    )
+
+    @field_validator("prompts", "labels")
+    @classmethod
+    def _one_per_query(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        query = info.data.get("query")
+        if values and query is not None and len(values) != len(query):
+            raise ValueError(
+                f"{info.field_name} has {len(values)} entries but query has {len(query)}; "
+                "send one per query or none"
+            )
+        return values
+
+
+class OpenRLHFRewardResponse(_Compatible):
+    """The answer to ``POST /get_reward``."""
+
+    rewards: list[FiniteFloat] = Field(
+        max_length=MAX_SCORE_ITEMS, description="The reward of each query, used for the advantage."
+    )
+    scores: list[FiniteFloat] = Field(
+        max_length=MAX_SCORE_ITEMS, description="The score of each query, used for dynamic filtering."
+    )
+    extra_logs: dict[Name, Annotated[list[FiniteFloat], Field(max_length=MAX_SCORE_ITEMS)]] = Field(
+        default_factory=dict,
+        max_length=MAX_REWARD_COMPONENTS,
+        description="Per-query values to log, by name (the reward components).",
+    )
+
+
+# --- errors and health ---------------------------------------------------------------------------
+
+
+class ErrorDetail(_Owned):
+    """What was wrong with a request."""
+
+    field: str | None = Field(
+        default=None,
+        max_length=MAX_PATH_CHARS,
+        description="The offending field as a dotted path (e.g. 'prompts.0.messages'), if one is to blame.",
+    )
+    message: str = Field(max_length=MAX_DETAIL_CHARS, description="What is wrong, for a person.")
+    code: Name = Field(description="What is wrong, for a program (e.g. 'validation_error', 'too_large').")
+
+
+class ErrorResponse(_Owned):
+    """The JSON body of every 4xx response."""
+
+    error: ErrorDetail = Field(description="The error.")
+
+
+class Health(_Owned):
+    """``GET /health``: the process is up."""
+
+    status: Literal["ok"] = Field(default="ok", description="Always 'ok'.")
+
+
+class Readiness(_Owned):
+    """``GET /ready``: whether the service can take requests now."""
+
+    ready: bool = Field(description="True once the service can take requests.")
+    detail: str | None = Field(
+        default=None, max_length=MAX_DETAIL_CHARS, description="Why it is not ready, or what it serves."
+    )
+    policy_version: Version | None = Field(
+        default=None, description="The loaded policy version, on a rollout server."
+    )
