@@ -34,14 +34,26 @@ AutoProcessor.register(Qwen2_5_VLConfig, Qwen2_5_VLImageTextProcessor, exist_ok=
 
 
 def load_processor(path: str | Path) -> ProcessorMixin:
-    """The model's processor; image-and-text only where the stock one needs torchvision."""
+    """The model's processor; image-and-text only where the stock one needs torchvision.
+
+    ``AutoProcessor`` silently returns a bare tokenizer for a folder whose processor class it does not
+    know; that is treated as a failure too, so a caller never receives a processor that drops images.
+    """
     try:
-        return AutoProcessor.from_pretrained(str(path))
-    except (ImportError, OSError) as stock_error:
-        try:
-            return Qwen2_5_VLImageTextProcessor.from_pretrained(str(path))
-        except Exception as fallback_error:
-            raise stock_error from fallback_error
+        processor = AutoProcessor.from_pretrained(str(path))
+    except (ImportError, OSError) as error:
+        stock_problem = f"{type(error).__name__}: {error}"
+    else:
+        if hasattr(processor, "image_processor"):
+            return processor
+        stock_problem = f"AutoProcessor found only a {type(processor).__name__}"
+    try:
+        return Qwen2_5_VLImageTextProcessor.from_pretrained(str(path))
+    except Exception as error:
+        raise ValueError(
+            f"cannot load an image processor from {path}: {stock_problem}; "
+            f"the image-and-text fallback failed too: {error}"
+        ) from error
 
 
 def load_model(path: str | Path, **kwargs) -> PreTrainedModel:

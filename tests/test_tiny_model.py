@@ -167,3 +167,10 @@ def test_vllm_profile_has_head_size_64_and_names_the_stock_processor(tiny_vllm_d
 def test_unknown_profile_is_refused(tmp_path):
     with pytest.raises(ValueError, match="profile"):
         build_tiny_model(tmp_path, profile="jax")  # type: ignore[arg-type]
+
+
+def test_a_folder_without_an_image_processor_is_refused_clearly(tiny_dir, tmp_path):
+    # AutoProcessor would silently hand back the bare tokenizer; the loader refuses instead.
+    load_processor(tiny_dir).tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="cannot load an image processor"):
+        load_processor(tmp_path)
