@@ -1,9 +1,14 @@
-"""Test-wide setup: tests marked ``gpu`` run only where CUDA is present."""
+"""Test-wide setup: no timing thresholds, and tests marked ``gpu`` run only where CUDA is present."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Hypothesis' per-example deadline is a timing threshold, and CI machines are slow and shared.
+settings.register_profile("cppo", deadline=None)
+settings.load_profile("cppo")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

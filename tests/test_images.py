@@ -128,7 +128,7 @@ def test_decoded_image_is_loaded_and_independent_of_the_file() -> None:
     assert image.getpixel((0, 0)) == tuple(noise()[0, 0])
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(arrays(np.uint8, st.tuples(st.integers(1, 16), st.integers(1, 16), st.just(3))))
 def test_encode_decode_round_trip_is_pixel_exact(pixels: np.ndarray) -> None:
     url = encode_image_data_url(Image.fromarray(pixels, "RGB"))

@@ -458,7 +458,7 @@ def test_invalid_spec_from_the_wire_is_refused(fields: dict) -> None:
 # --- property --------------------------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(
     seed=st.integers(0, 2**63 - 1),
     width=st.integers(28, 200),
