@@ -13,10 +13,33 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
 )
+
+# Sampling one of these would put a vision placeholder in a response, and the next teacher-forced pass
+# over it fails ("image features and image tokens do not match").
+VISION_PLACEHOLDER_TOKENS = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def suppressed_token_ids(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:
+    """Token ids the policy never emits: vision placeholders, and embedding rows past the tokenizer.
+
+    The rollout backends mask them when sampling, so the policy's distribution is the softmax over the
+    remaining ids. A teacher-forced pass must mask the same ids to compute log-probs of that
+    distribution (``trainer.objective.logprobs_and_entropy(..., suppressed_ids=...)``).
+    """
+    vocab = tokenizer.get_vocab()
+    placeholders = [vocab[token] for token in VISION_PLACEHOLDER_TOKENS if token in vocab]
+    return sorted(set(placeholders) | set(range(len(tokenizer), vocab_size)))
 
 
 class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):

@@ -425,3 +425,12 @@ def test_logprobs_and_entropy_by_hand():
     assert logp[0, 1].item() == pytest.approx(LN(0.366025), abs=1e-5)
     with pytest.raises(ValueError, match="temperature"):
         logprobs_and_entropy(logits, torch.tensor([[1, 0]]), temperature=0.0)
+
+
+def test_logprobs_and_entropy_exclude_suppressed_ids():
+    # Suppressing id 2 (logit 5) leaves softmax over [0, ln 3]: p = [1/4, 3/4], as in the case above,
+    # and the suppressed id adds 0 to the entropy rather than NaN.
+    logits = t([[[0.0, LN(3.0), 5.0]]])
+    logp, entropy = logprobs_and_entropy(logits, torch.tensor([[1]]), suppressed_ids=[2])
+    assert logp.item() == pytest.approx(LN(0.75), abs=1e-6)
+    assert entropy.item() == pytest.approx(0.562335, abs=1e-6)

@@ -12,6 +12,7 @@ Pure tensor functions only: no model, no I/O. ``policy_objective`` combines the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,17 +37,24 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 def logprobs_and_entropy(
-    logits: Tensor, token_ids: Tensor, temperature: float = 1.0
+    logits: Tensor, token_ids: Tensor, temperature: float = 1.0, suppressed_ids: Sequence[int] = ()
 ) -> tuple[Tensor, Tensor]:
     """ℓ_t = log softmax(z_t / T)[o_t] and H_t = −Σ_v p_v log p_v, for ``logits`` ``[B, L, V]``.
 
     ``logits[:, t]`` must be the distribution the token ``token_ids[:, t]`` was drawn from.
+    ``suppressed_ids`` are excluded from the softmax, as the rollout backends exclude them when
+    sampling (``shared.vlm.suppressed_token_ids``).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float() / temperature
+    if len(suppressed_ids):
+        scaled[..., list(suppressed_ids)] = -math.inf
+    log_p = torch.log_softmax(scaled, dim=-1)
     logp = log_p.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    p = log_p.exp()
+    # 0 · log 0 is 0 for the suppressed ids, not NaN.
+    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
     return logp, entropy
 
 

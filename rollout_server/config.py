@@ -1,0 +1,97 @@
+"""Settings of the rollout server: one model, read from flags and ``CPPO_ROLLOUT_*`` environment variables.
+
+Every field is a flag (``--max-batch-size``) and an environment variable (``CPPO_ROLLOUT_MAX_BATCH_SIZE``);
+a flag wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.images import ImageLimits
+
+
+class RolloutSettings(BaseSettings):
+    """How the rollout server runs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CPPO_ROLLOUT_", cli_kebab_case=True, cli_implicit_flags=True, extra="forbid"
+    )
+
+    model: str = Field(description="model folder (or hub id where a hub is reachable)")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="generation engine: transformers (CPU) or vllm"
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    api_key: SecretStr | None = Field(
+        None, description="bearer token required on every route but /health, /ready and /metrics"
+    )
+    served_model_name: str | None = Field(
+        None, description="model name in /v1/models and chat completions (default: --model)"
+    )
+    enable_weight_updates: bool = Field(
+        True, description="serve POST /v1/weights (the trainer's weight sync)"
+    )
+    allow_unauthenticated_weights: bool = Field(
+        False, description="allow weight updates without an API key on a non-loopback address"
+    )
+    weights_root: Path | None = Field(
+        None, description="if set, POST /v1/weights only loads checkpoints under this folder"
+    )
+    max_weights_bytes: int = Field(
+        16 * 2**30, ge=1, description="largest weights body for POST /v1/weights/tensors, in bytes"
+    )
+    max_request_bytes: int = Field(512 * 2**20, ge=1, description="largest JSON request body, in bytes")
+    image_root: Path | None = Field(
+        None, description="folder that file:// image URLs may read from (default: file:// refused)"
+    )
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="largest image file, in bytes")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest image, in pixels")
+    max_model_len: int | None = Field(
+        None, ge=16, description="context length, prompt and response (default: the model's)"
+    )
+    max_batch_size: int = Field(64, ge=1, description="transformers: most sequences in one generate call")
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="transformers: how long a batch waits for more requests, in ms"
+    )
+    dtype: str = Field("auto", description="weights dtype: auto, float32, bfloat16 or float16")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm: fraction of accelerator (on CPU: NUMA node) memory to use"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per replica")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(
+            max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, file_root=self.image_root
+        )
+
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+    def weights_update_problem(self) -> str | None:
+        """Why the server must not start as configured, if it must not: weight updates replace the
+        model, so they are never served on a reachable address without a key by accident."""
+        if not self.enable_weight_updates or self.api_key is not None or self.allow_unauthenticated_weights:
+            return None
+        if _is_loopback(self.host):
+            return None
+        return (
+            f"refusing to serve weight updates on {self.host} without an API key; set --api-key, "
+            "or --no-enable-weight-updates, or (on a trusted network) --allow-unauthenticated-weights"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
