@@ -20,7 +20,11 @@ class RolloutSettings(BaseSettings):
     """How the rollout server runs."""
 
     model_config = SettingsConfigDict(
-        env_prefix="CPPO_ROLLOUT_", cli_kebab_case=True, cli_implicit_flags=True, extra="forbid"
+        env_prefix="CPPO_ROLLOUT_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_hide_none_type=True,
+        extra="forbid",
     )
 
     model: str = Field(description="model folder (or hub id where a hub is reachable)")
@@ -33,7 +37,7 @@ class RolloutSettings(BaseSettings):
         None, description="bearer token required on every route but /health, /ready and /metrics"
     )
     served_model_name: str | None = Field(
-        None, description="model name in /v1/models and chat completions (default: --model)"
+        None, description="model name in /v1/models and chat completions; unset: the --model value"
     )
     enable_weight_updates: bool = Field(
         True, description="serve POST /v1/weights (the trainer's weight sync)"

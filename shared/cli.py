@@ -11,6 +11,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, CliSettingsSource
+
+from rollout_server.config import RolloutSettings
+
 Handler = Callable[[argparse.Namespace], None]
 
 
@@ -28,6 +33,31 @@ def _synth_data(args: argparse.Namespace) -> None:
     settings = SynthSettings(train=args.train, test=args.test, seed=args.seed, image_size=args.image_size)
     out = write_dataset(args.dir, settings)
     print(f"synthetic dataset written to {out}: {args.train} train and {args.test} test examples")
+
+
+def _settings_command(
+    parser: argparse.ArgumentParser, settings_class: type[BaseSettings], run: Callable[[BaseSettings], None]
+) -> None:
+    """A flag for every settings field (flags override ``CPPO_*`` variables, which override defaults)."""
+    flags = CliSettingsSource(settings_class, root_parser=parser)
+    parser.set_defaults(
+        handler=lambda args: run(settings_class(_cli_settings_source=flags(parsed_args=args)))
+    )
+
+
+def _serve_rollouts(settings: BaseSettings) -> None:
+    from rollout_server.main import serve
+
+    serve(settings)
+
+
+def _describe(error: ValidationError) -> str:
+    """Pydantic's errors as flags: ``--max-batch-size: Input should be greater than or equal to 1``."""
+    problems = []
+    for problem in error.errors():
+        name = "--" + "-".join(str(part) for part in problem["loc"]).replace("_", "-")
+        problems.append(f"{name}: {problem['msg']}")
+    return "; ".join(problems)
 
 
 def _non_negative_int(text: str) -> int:
@@ -77,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size", type=int, default=112, help="image side in pixels, 56..1024 (default: 112)"
     )
     synth.set_defaults(handler=_synth_data)
+
+    rollout = commands.add_parser(
+        "rollout-server",
+        help="serve a VLM: rollouts with perturbed views, OpenAI chat completions, weight updates",
+        description="Serve a vision-language model over HTTP. Every flag can also be set as an environment "
+        "variable: --max-batch-size is CPPO_ROLLOUT_MAX_BATCH_SIZE.",
+    )
+    _settings_command(rollout, RolloutSettings, _serve_rollouts)
     return parser
 
 
@@ -85,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         handler(args)
+    except ValidationError as error:
+        print(f"cppo {args.command}: error: {_describe(error)}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as error:
         print(f"cppo {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -566,3 +566,130 @@ class Readiness(_Owned):
     policy_version: Version | None = Field(
         default=None, description="The loaded policy version, on a rollout server."
     )
+
+
+# --- OpenAI chat completions (POST /v1/chat/completions) -----------------------------------------
+
+MAX_TOP_LOGPROBS = 20
+"""Alternatives per token in a chat completion's log-probs, as in the OpenAI API."""
+
+
+class ChatCompletionRequest(_Compatible):
+    """OpenAI's chat completion request; the fields a VLM server can honour. Streaming is not offered."""
+
+    model: str | None = Field(default=None, max_length=MAX_PATH_CHARS, description="The served model's name.")
+    messages: list[ChatMessage] = Field(
+        min_length=1, max_length=MAX_MESSAGES, description="The conversation to continue."
+    )
+    n: int = Field(default=1, ge=1, le=MAX_SAMPLES_PER_PROMPT, description="Completions to sample.")
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, description="Softmax temperature.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(default=-1, ge=-1, le=MAX_TOP_K, description="vLLM extension: top-k; -1 is off.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_TOKENS, description="Most tokens per completion (legacy name)."
+    )
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_TOKENS, description="Most tokens per completion."
+    )
+    stop: str | list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]] | None = (
+        Field(default=None, description="Up to 16 strings that end a completion.")
+    )
+    seed: Seed | None = Field(default=None, description="Seed for reproducible sampling.")
+    logprobs: bool = Field(default=False, description="Return each token's log-probability.")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token; needs logprobs."
+    )
+    stream: bool = Field(default=False, description="Must be false: streaming is not offered.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop strings")
+        if isinstance(stop, str) and not 0 < len(stop) <= MAX_STOP_CHARS:
+            raise ValueError(f"a stop string has 1 to {MAX_STOP_CHARS} characters")
+        return stop
+
+    @field_validator("stream")
+    @classmethod
+    def _no_streaming(cls, stream: bool) -> bool:
+        if stream:
+            raise ValueError("streaming is not supported; send stream=false")
+        return stream
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs=true")
+        return top_logprobs
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class TopLogprob(_Compatible):
+    """One alternative token at a position."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(_Compatible):
+    """One generated token, its log-probability and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Compatible):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(_Compatible):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Compatible):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "abort"]
+    logprobs: ChoiceLogprobs | None = None
+
+
+class Usage(_Compatible):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(_Compatible):
+    """OpenAI's chat completion response."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(_Compatible):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "cppo"
+    max_model_len: int | None = None
+
+
+class ModelList(_Compatible):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

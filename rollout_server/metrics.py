@@ -1,0 +1,52 @@
+"""Prometheus metrics of the rollout server, in a registry of its own (so several apps share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class RolloutMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cppo_rollout_requests",
+            "HTTP requests, by route and status code",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cppo_rollout_request_seconds",
+            "HTTP request latency, by route",
+            ["route"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "cppo_rollout_generated_tokens", "Tokens generated", registry=self.registry
+        )
+        self.samples = Counter(
+            "cppo_rollout_samples",
+            "Samples generated, by finish reason",
+            ["finish_reason"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "cppo_rollout_batch_size",
+            "Sequences per generate call (transformers backend)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "cppo_rollout_queue_depth", "Generation requests waiting or running", registry=self.registry
+        )
+        self.policy_version = Gauge(
+            "cppo_rollout_policy_version", "Version of the weights being served", registry=self.registry
+        )
+        self.weight_updates = Counter(
+            "cppo_rollout_weight_updates", "Weight updates, by outcome", ["outcome"], registry=self.registry
+        )
+
+    def observe_abort(self, tokens: int) -> None:
+        """A sample cut short because its client went away, after ``tokens`` tokens."""
+        self.samples.labels("abort").inc()
+        self.generated_tokens.inc(tokens)

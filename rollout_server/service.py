@@ -1,0 +1,391 @@
+"""What the rollout server does, behind its routes: rollouts with perturbed views, OpenAI chat
+completions, and versioned weight swaps.
+
+Generation and weight swaps share a ``VersionGate``: every request generates under one set of weights
+from start to end, and a swap waits for running requests to finish while holding new ones back. So
+no sample mixes two versions, and the version a sample reports is the one that made it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rollout_server.backend import (
+    Generation,
+    GenerationBackend,
+    GenerationRequest,
+    PromptTooLongError,
+    SamplingSpec,
+    WeightsLoadError,
+)
+from rollout_server.config import RolloutSettings
+from rollout_server.metrics import RolloutMetrics
+from rollout_server.weights import WeightsStager
+from shared.http import ServiceError
+from shared.images import ImageError, ImageLimits, decode_image_url, encode_image_data_url
+from shared.perturbations import perturb
+from shared.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChoiceLogprobs,
+    ImagePart,
+    PromptRollout,
+    RolloutRequest,
+    RolloutResponse,
+    Sample,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    View,
+    WeightsStatus,
+)
+
+DEFAULT_CHAT_MAX_TOKENS = 1024
+_IMAGE_ERROR_STATUS = {"too_large": 413, "too_many_pixels": 413}
+
+
+class VersionGate:
+    """Many readers (generation) or one writer (a weights swap); a waiting writer holds new readers back."""
+
+    def __init__(self) -> None:
+        self._condition = asyncio.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        async with self._condition:
+            await self._condition.wait_for(lambda: not self._writing and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        async with self._condition:
+            self._writers_waiting += 1
+            try:
+                await self._condition.wait_for(lambda: not self._writing and self._readers == 0)
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            async with self._condition:
+                self._writing = False
+                self._condition.notify_all()
+
+
+def derive_seed(seed: int | None, *parts: str | int) -> int:
+    """A seed for one prompt and image view, derived from the request's; fresh randomness without one."""
+    if seed is None:
+        return secrets.randbits(63)
+    words = [seed, *(zlib.crc32(p.encode()) if isinstance(p, str) else p for p in parts)]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def chat_template_messages(messages: Sequence[ChatMessage]) -> list[dict]:
+    """Messages as Hugging Face chat templates take them: each image part becomes an image slot."""
+    converted = []
+    for message in messages:
+        if isinstance(message.content, str):
+            converted.append({"role": message.role, "content": message.content})
+            continue
+        parts = [
+            {"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
+            for part in message.content
+        ]
+        converted.append({"role": message.role, "content": parts})
+    return converted
+
+
+def decode_message_images(
+    messages: Sequence[ChatMessage], limits: ImageLimits, field: str
+) -> list[Image.Image]:
+    """Every image of the messages, in reading order; a refused one names its field."""
+    images = []
+    for m, message in enumerate(messages):
+        if isinstance(message.content, str):
+            continue
+        for p, part in enumerate(message.content):
+            if not isinstance(part, ImagePart):
+                continue
+            try:
+                images.append(decode_image_url(part.image_url.url, limits))
+            except ImageError as error:
+                status = _IMAGE_ERROR_STATUS.get(error.code, 400)
+                where = f"{field}.{m}.content.{p}.image_url.url"
+                raise ServiceError(status, where, error.code, error.message) from error
+    return images
+
+
+class RolloutService:
+    def __init__(
+        self,
+        settings: RolloutSettings,
+        backend: GenerationBackend,
+        metrics: RolloutMetrics,
+        stager: WeightsStager,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self.stager = stager
+        self.gate = VersionGate()
+        self.version = 0
+        self.weights_path: str | None = str(stager.model_folder)
+        self.loaded_at = datetime.now(UTC)
+        self.ready = False
+
+    # --- generation ------------------------------------------------------------------------------
+
+    async def _generate(self, request: GenerationRequest, field: str) -> Generation:
+        self.metrics.queue_depth.inc()
+        try:
+            generation = await self.backend.generate(request)
+        except PromptTooLongError as error:
+            raise ServiceError(400, field, "context_length_exceeded", str(error)) from error
+        finally:
+            self.metrics.queue_depth.dec()
+        for sample in generation.samples:
+            self.metrics.generated_tokens.inc(len(sample.token_ids))
+            self.metrics.samples.labels(sample.finish_reason).inc()
+        return generation
+
+    async def rollouts(self, request: RolloutRequest) -> RolloutResponse:
+        limits = self.settings.image_limits()
+        images = await asyncio.gather(
+            *(
+                asyncio.to_thread(decode_message_images, p.messages, limits, f"prompts.{i}.messages")
+                for i, p in enumerate(request.prompts)
+            )
+        )
+        views = await asyncio.gather(
+            *(
+                asyncio.to_thread(self._views, request, p.prompt_id, imgs)
+                for p, imgs in zip(request.prompts, images, strict=True)
+            )
+        )
+        texts = [self._render(p.messages) for p in request.prompts]
+        jobs = []
+        for i, prompt in enumerate(request.prompts):
+            by_view = {
+                "clean": images[i],
+                **{kind: [img for img, _ in made] for kind, made in views[i].items()},
+            }
+            for view in request.sample_on:
+                sampling = _sampling_spec(
+                    request.sampling, derive_seed(request.sampling.seed, prompt.prompt_id, view)
+                )
+                generation = GenerationRequest(texts[i], tuple(by_view[view]), request.n, sampling)
+                jobs.append((i, view, generation))
+        async with self.gate.reading():
+            version = self.version
+            generations = await asyncio.gather(
+                *(self._generate(job, f"prompts.{i}.messages") for i, _, job in jobs)
+            )
+        results = [
+            PromptRollout(
+                prompt_id=p.prompt_id, prompt_token_ids=[], views=self._view_models(views[i]), samples=[]
+            )
+            for i, p in enumerate(request.prompts)
+        ]
+        for (i, view, _), generation in zip(jobs, generations, strict=True):
+            result = results[i]
+            if not result.prompt_token_ids:
+                result.prompt_token_ids = generation.prompt_token_ids
+            result.samples.extend(
+                Sample(
+                    prompt_id=result.prompt_id,
+                    sample_index=index,
+                    image_view=view,
+                    token_ids=sample.token_ids,
+                    text=sample.text,
+                    logprobs=sample.logprobs,
+                    finish_reason=sample.finish_reason,
+                    policy_version=version,
+                )
+                for index, sample in enumerate(generation.samples)
+            )
+        return RolloutResponse(policy_version=version, prompts=results)
+
+    def _views(
+        self, request: RolloutRequest, prompt_id: str, images: list[Image.Image]
+    ) -> dict[str, list[tuple[Image.Image, object]]]:
+        made = {}
+        for kind in ("positive", "negative"):
+            wanted = getattr(request.views, kind)
+            if wanted is None:
+                continue
+            made[kind] = [
+                perturb(image, kind, derive_seed(wanted.seed, prompt_id, kind, index), wanted.transforms)
+                for index, image in enumerate(images)
+            ]
+        return made
+
+    @staticmethod
+    def _view_models(views: dict[str, list[tuple[Image.Image, object]]]) -> list[View]:
+        return [
+            View(kind=kind, image_index=index, image_url=encode_image_data_url(image), spec=spec)
+            for kind, made in views.items()
+            for index, (image, spec) in enumerate(made)
+        ]
+
+    def _render(self, messages: Sequence[ChatMessage]) -> str:
+        return self.backend.tokenizer.apply_chat_template(
+            chat_template_messages(messages), tokenize=False, add_generation_prompt=True
+        )
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
+        if request.model is not None and request.model != self.settings.name():
+            raise ServiceError(
+                404,
+                "model",
+                "model_not_found",
+                f"model {request.model!r} is not served here; use {self.settings.name()!r}",
+            )
+        images = await asyncio.to_thread(
+            decode_message_images, request.messages, self.settings.image_limits(), "messages"
+        )
+        sampling = SamplingSpec(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            max_tokens=request.max_completion_tokens or request.max_tokens or DEFAULT_CHAT_MAX_TOKENS,
+            stop=tuple(request.stop_strings()),
+            seed=request.seed,
+            top_logprobs=request.top_logprobs or 0,
+        )
+        generation_request = GenerationRequest(
+            self._render(request.messages), tuple(images), request.n, sampling
+        )
+        async with self.gate.reading():
+            generation = await self._generate(generation_request, "messages")
+        choices = [
+            ChatChoice(
+                index=index,
+                message=AssistantMessage(content=sample.text),
+                finish_reason=sample.finish_reason,
+                logprobs=self._choice_logprobs(sample) if request.logprobs else None,
+            )
+            for index, sample in enumerate(generation.samples)
+        ]
+        completion_tokens = sum(len(s.token_ids) for s in generation.samples)
+        prompt_tokens = len(generation.prompt_token_ids)
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.settings.name(),
+            choices=choices,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
+
+    def _choice_logprobs(self, sample) -> ChoiceLogprobs:
+        tokenizer = self.backend.tokenizer
+        special = set(tokenizer.all_special_ids)
+        content = []
+        for t, (token_id, logprob) in enumerate(zip(sample.token_ids, sample.logprobs, strict=True)):
+            if token_id in special:
+                continue
+            token = tokenizer.decode([token_id])
+            alternatives = (sample.top_logprobs or [{}] * len(sample.token_ids))[t]
+            content.append(
+                TokenLogprob(
+                    token=token,
+                    logprob=logprob,
+                    bytes=list(token.encode()),
+                    top_logprobs=[
+                        TopLogprob(
+                            token=(text := tokenizer.decode([i])), logprob=lp, bytes=list(text.encode())
+                        )
+                        for i, lp in alternatives.items()
+                    ],
+                )
+            )
+        return ChoiceLogprobs(content=content)
+
+    # --- weights ---------------------------------------------------------------------------------
+
+    def weights_status(self) -> WeightsStatus:
+        return WeightsStatus(version=self.version, path=self.weights_path, loaded_at=self.loaded_at)
+
+    def _check_version(self, version: int) -> None:
+        if version <= self.version:
+            raise ServiceError(
+                409,
+                "version",
+                "stale_version",
+                f"version {version} is not newer than the served {self.version}",
+            )
+
+    async def update_weights_from_path(self, path: str, version: int) -> WeightsStatus:
+        self._check_version(version)
+        try:
+            folder, staged = await asyncio.to_thread(self.stager.folder_for_path, path)
+        except WeightsLoadError as error:
+            self.metrics.weight_updates.labels("refused").inc()
+            raise ServiceError(422, "path", "bad_weights", str(error)) from error
+        return await self._swap(folder, staged, version, path)
+
+    async def update_weights_from_bytes(self, data: bytes, version: int) -> WeightsStatus:
+        self._check_version(version)
+        try:
+            staged = await asyncio.to_thread(self.stager.folder_for_bytes, data)
+        except WeightsLoadError as error:
+            self.metrics.weight_updates.labels("refused").inc()
+            raise ServiceError(422, "body", "bad_weights", str(error)) from error
+        return await self._swap(staged, staged, version, None)
+
+    async def _swap(self, folder: Path, staged: Path | None, version: int, path: str | None) -> WeightsStatus:
+        try:
+            async with self.gate.writing():
+                # Checked again: another update may have landed while this one waited for the gate.
+                self._check_version(version)
+                try:
+                    await self.backend.load_weights(folder)
+                except WeightsLoadError as error:
+                    self.metrics.weight_updates.labels("failed").inc()
+                    raise ServiceError(422, "path" if path else "body", "bad_weights", str(error)) from error
+                self.version, self.weights_path, self.loaded_at = version, path, datetime.now(UTC)
+        finally:
+            if staged is not None:
+                await asyncio.to_thread(shutil.rmtree, staged, True)
+        self.metrics.weight_updates.labels("loaded").inc()
+        self.metrics.policy_version.set(version)
+        return self.weights_status()
+
+
+def _sampling_spec(params, seed: int | None) -> SamplingSpec:
+    return SamplingSpec(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        max_tokens=params.max_tokens,
+        stop=tuple(params.stop),
+        seed=seed,
+    )

@@ -1,0 +1,185 @@
+"""HTTP plumbing shared by the services: one error format, bearer auth, body limits, and
+cancelling work whose client has gone away.
+
+Every 4xx body is a ``shared.schemas.ErrorResponse`` naming the field to blame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.schemas import ErrorDetail, ErrorResponse
+
+T = TypeVar("T")
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+class ServiceError(Exception):
+    """A refused request: HTTP status, the field to blame, a code for programs, a message for people."""
+
+    def __init__(self, status: int, field: str | None, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.field, self.code, self.message = status, field, code, message
+
+
+def error_response(status: int, field: str | None, code: str, message: str, headers=None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(field=field, message=message[:16_000], code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _field_path(location: tuple[Any, ...]) -> str | None:
+    # FastAPI prefixes body fields with "body"; the client knows the body as the top level.
+    parts = [str(part) for part in location]
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        if first.get("type") == "json_invalid":
+            return error_response(
+                400, "body", "invalid_json", f"the body is not valid JSON: {first.get('msg')}"
+            )
+        field = _field_path(tuple(first.get("loc", ())))
+        message = first.get("msg", "invalid value")
+        more = len(error.errors()) - 1
+        if more:
+            message += f" (and {more} more problem{'s' if more > 1 else ''})"
+        return error_response(422, field, "validation_error", f"{field}: {message}")
+
+    @app.exception_handler(ServiceError)
+    async def _refused(request: Request, error: ServiceError) -> JSONResponse:
+        return error_response(error.status, error.field, error.code, error.message)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, error: HTTPException) -> JSONResponse:
+        code = "not_found" if error.status_code == 404 else "http_error"
+        return error_response(error.status_code, None, code, str(error.detail), headers=error.headers)
+
+
+def bearer_auth(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that, with a key set, requires ``Authorization: Bearer <key>`` outside OPEN_PATHS."""
+
+    async def check(request: Request) -> None:
+        if api_key is None or request.url.path in OPEN_PATHS:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
+            raise ServiceError(
+                401, "Authorization", "unauthorized", "a valid 'Authorization: Bearer <key>' is required"
+            )
+
+    return check
+
+
+class BodyLimit:
+    """Refuses request bodies over a limit with 413, by Content-Length or while they stream in."""
+
+    def __init__(self, app: ASGIApp, default_limit: int, limits: dict[str, int] | None = None) -> None:
+        self.app = app
+        self.default_limit = default_limit
+        self.limits = limits or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.get(scope["path"], self.default_limit)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send, limit)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        response = error_response(413, "body", "too_large", f"the request body is larger than {limit} bytes")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Instrument:
+    """Counts requests by route and status, and times them, in the service's own metrics.
+
+    Pure ASGI rather than ``@app.middleware``, whose wrapper changes how the app sees a disconnect.
+    """
+
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+        self.app = app
+        self.requests = requests
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            # The router records the matched route in the scope; unmatched paths share one label.
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(path, str(status)).inc()
+            self.latency.labels(path).observe(loop.time() - start)
+
+
+async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` until it finishes or the client disconnects; on disconnect, cancel it (which frees
+    the generation slots it holds) and answer 499, nginx's code for a closed client request."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        # The body has been read by now, so the next message can only be the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ServiceError(499, None, "client_disconnected", "the client closed the connection")
