@@ -1,0 +1,577 @@
+"""One contract for every rollout backend, checked over HTTP against a real server.
+
+The transformers backend runs everywhere; the vLLM backend runs where vLLM is installed (the
+``.venv-vllm`` tier, ``make test-vllm``, and GPU machines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from servers import metric, running_server
+
+from shared import synth_data
+from shared.images import decode_image_url, encode_image_data_url
+from shared.perturbations import ViewSpec, apply_spec
+from shared.schemas import RolloutResponse
+from shared.tiny_model import build_tiny_model
+from shared.vlm import load_model, load_processor, suppressed_token_ids
+from trainer.objective import logprobs_and_entropy
+
+# vLLM computes in its own kernels, so its log-probs agree with a transformers pass less tightly.
+LOGPROB_TOLERANCE = {"transformers": 1e-4, "vllm": 2e-2}
+
+
+def _vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = [
+    "transformers",
+    pytest.param(
+        "vllm",
+        marks=[
+            pytest.mark.vllm,
+            pytest.mark.slow,
+            pytest.mark.skipif(not _vllm_available(), reason="vLLM is not installed here"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Policy A (served first), policy B (same architecture, other weights), and a model of another size."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "a": build_tiny_model(root / "a", profile="vllm", seed=0),
+        "b": build_tiny_model(root / "b", profile="vllm", seed=1),
+        "other_shape": build_tiny_model(root / "other", profile="transformers", seed=0),
+    }
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, models, tmp_path_factory):
+    backend = request.param
+    args = [
+        "--model",
+        str(models["a"]),
+        "--backend",
+        backend,
+        "--max-model-len",
+        "512",
+        "--max-image-bytes",
+        "300000",
+        "--max-image-pixels",
+        str(600 * 600),
+    ]
+    if backend == "vllm":
+        # On CPU the memory fraction is of one NUMA node, which is small on these machines.
+        args += ["--dtype", "float32", "--gpu-memory-utilization", "0.3"]
+    timeout = 600 if backend == "vllm" else 120
+    with running_server("rollout-server", args, tmp_path_factory.mktemp("logs"), timeout) as running:
+        running.backend = backend
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    """Teacher-forced log-probs under either policy, computed in this process with transformers."""
+    cache = {}
+
+    def logprobs(policy: str, prompt_token_ids: list[int], images, response: list[int], temperature: float):
+        if policy not in cache:
+            cache[policy] = (load_model(models[policy]).eval(), load_processor(models[policy]))
+        model, processor = cache[policy]
+        ids = torch.tensor([prompt_token_ids + response])
+        kwargs = {}
+        if images:
+            pixels = processor.image_processor(images=images, return_tensors="pt")
+            kwargs = {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+        # M-RoPE needs to know which tokens are image tokens (1) and which are text (0).
+        mm = (ids == processor.image_token_id).long()
+        with torch.no_grad():
+            logits = model(input_ids=ids, mm_token_type_ids=mm, **kwargs).logits
+        suppressed = suppressed_token_ids(processor.tokenizer, model.config.text_config.vocab_size)
+        start = len(prompt_token_ids) - 1
+        logp, _ = logprobs_and_entropy(
+            logits[:, start:-1], torch.tensor([response]), temperature, suppressed_ids=suppressed
+        )
+        return logp[0]
+
+    return logprobs
+
+
+def image_prompt(prompt_id: str, image: Image.Image, question: str) -> dict:
+    return {
+        "prompt_id": prompt_id,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": encode_image_data_url(image)}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[synth_data.Example]:
+    return list(synth_data.generate("test", 3, seed=11))
+
+
+def rollout(server, body: dict, **kwargs) -> RolloutResponse:
+    with server.client() as client:
+        response = client.post("/v1/rollouts", json=body, **kwargs)
+    assert response.status_code == 200, response.text
+    return RolloutResponse.model_validate(response.json())
+
+
+# --- the routes everyone calls -------------------------------------------------------------------
+
+
+def test_health_ready_models_and_metrics(server):
+    with server.client() as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        ready = client.get("/ready").json()
+        assert ready["ready"] is True and ready["policy_version"] == 0
+        models = client.get("/v1/models").json()
+        assert models["data"][0]["max_model_len"] == 512
+        assert "cppo_rollout_requests_total" in client.get("/metrics").text
+        assert client.get("/openapi.json").json()["paths"]["/v1/rollouts"]
+
+
+def test_rollouts_have_the_requested_shape_and_views(server, examples):
+    body = {
+        "prompts": [
+            image_prompt(f"p{i}", e.image, e.problem.removeprefix("<image>")) for i, e in enumerate(examples)
+        ],
+        "n": 3,
+        "sampling": {"max_tokens": 5, "temperature": 1.0},
+        "views": {"positive": {"seed": 7}, "negative": {"seed": 8, "transforms": ["zoom_crop"]}},
+    }
+    result = rollout(server, body)
+    assert [p.prompt_id for p in result.prompts] == ["p0", "p1", "p2"]
+    for prompt, example in zip(result.prompts, examples, strict=True):
+        assert [s.sample_index for s in prompt.samples] == [0, 1, 2]
+        for sample in prompt.samples:
+            assert sample.image_view == "clean" and sample.policy_version == 0
+            assert 1 <= len(sample.token_ids) <= 5 and len(sample.logprobs) == len(sample.token_ids)
+            assert all(lp <= 0 for lp in sample.logprobs)
+            assert sample.finish_reason in ("stop", "length")
+        assert {v.kind for v in prompt.views} == {"positive", "negative"}
+        for view in prompt.views:
+            image = decode_image_url(view.image_url)
+            assert image.size == example.image.size
+            # The spec rebuilds the view bit for bit from the original image.
+            rebuilt = apply_spec(example.image, ViewSpec.model_validate(view.spec.model_dump()))
+            assert rebuilt.tobytes() == image.tobytes()
+        negative = next(v for v in prompt.views if v.kind == "negative")
+        assert negative.spec.transform == "zoom_crop"
+
+
+def test_prompt_tokens_and_logprobs_match_a_teacher_forced_pass(server, models, examples, reference):
+    example = examples[0]
+    body = {
+        "prompts": [image_prompt("p", example.image, "What colour is the shape?")],
+        "n": 2,
+        "sampling": {"max_tokens": 8, "temperature": 0.7, "seed": 3},
+    }
+    prompt = rollout(server, body).prompts[0]
+    processor = load_processor(models["a"])
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}],
+        }
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt.prompt_token_ids == processor(text=[text], images=[example.image])["input_ids"][0]
+    for sample in prompt.samples:
+        expected = reference("a", prompt.prompt_token_ids, [example.image], sample.token_ids, 0.7)
+        torch.testing.assert_close(
+            torch.tensor(sample.logprobs), expected, atol=LOGPROB_TOLERANCE[server.backend], rtol=0
+        )
+
+
+def test_seed_makes_samples_reproducible(server, examples):
+    def tokens(seed: int) -> list[list[int]]:
+        body = {
+            "prompts": [image_prompt("p", examples[1].image, "What shape?")],
+            "n": 3,
+            "sampling": {"max_tokens": 6, "seed": seed},
+        }
+        return [s.token_ids for s in rollout(server, body).prompts[0].samples]
+
+    first = tokens(5)
+    assert tokens(5) == first
+    assert tokens(6) != first
+    assert len({tuple(t) for t in first}) > 1, "the n samples of one request must differ"
+
+
+def test_sampling_on_views_tags_each_sample(server, examples):
+    body = {
+        "prompts": [image_prompt("p", examples[2].image, "How many?")],
+        "n": 2,
+        "sampling": {"max_tokens": 3},
+        "sample_on": ["clean", "positive", "negative"],
+    }
+    samples = rollout(server, body).prompts[0].samples
+    assert [(s.image_view, s.sample_index) for s in samples] == [
+        ("clean", 0),
+        ("clean", 1),
+        ("positive", 0),
+        ("positive", 1),
+        ("negative", 0),
+        ("negative", 1),
+    ]
+
+
+def test_max_tokens_and_stop_strings(server):
+    text_only = {"prompt_id": "t", "messages": [{"role": "user", "content": "Say something."}]}
+    result = rollout(server, {"prompts": [text_only], "n": 4, "sampling": {"max_tokens": 4, "seed": 1}})
+    for sample in result.prompts[0].samples:
+        assert len(sample.token_ids) <= 4
+        assert (sample.finish_reason == "length") == (len(sample.token_ids) == 4)
+    # A stop string taken from a sample's own text ends that sample early, the string excluded.
+    full = rollout(server, {"prompts": [text_only], "n": 1, "sampling": {"max_tokens": 12, "seed": 9}})
+    text = full.prompts[0].samples[0].text
+    stop = next((text[i : i + 2] for i in range(1, len(text) - 1) if text[i : i + 2].strip()), None)
+    if stop is None:
+        pytest.skip(f"the sampled text {text!r} has no usable stop string")
+    stopped = (
+        rollout(
+            server,
+            {"prompts": [text_only], "n": 1, "sampling": {"max_tokens": 12, "seed": 9, "stop": [stop]}},
+        )
+        .prompts[0]
+        .samples[0]
+    )
+    assert stopped.finish_reason == "stop"
+    assert stop not in stopped.text and text.startswith(stopped.text)
+
+
+def test_openai_client_works_unchanged(server, examples):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    completion = client.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": encode_image_data_url(examples[0].image)}},
+                    {"type": "text", "text": "What colour is the shape?"},
+                ],
+            }
+        ],
+        n=2,
+        max_tokens=5,
+        temperature=0.8,
+        seed=4,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert len(completion.choices) == 2
+    choice = completion.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens <= 10 and completion.usage.prompt_tokens > 16
+    for token in choice.logprobs.content:
+        assert len(token.top_logprobs) == 2
+        assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob
+        assert token.logprob <= token.top_logprobs[0].logprob + 1e-4
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+
+def _weights(server) -> dict:
+    with server.client() as client:
+        return client.get("/v1/weights").json()
+
+
+def test_weight_swaps_are_atomic_and_versioned(server, models, examples, reference):
+    image = examples[0].image
+    body = {
+        "prompts": [image_prompt("p", image, "What colour?")],
+        "n": 2,
+        "sampling": {"max_tokens": 6, "temperature": 1.0},
+    }
+
+    async def traffic_during_swap() -> tuple[list[RolloutResponse], dict]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            requests = [client.post("/v1/rollouts", json=body) for _ in range(6)]
+            swap = client.post("/v1/weights", json={"path": str(models["b"]), "version": 1})
+            responses = await asyncio.gather(*requests[:3], swap, *requests[3:])
+        swapped = responses.pop(3)
+        assert swapped.status_code == 200, swapped.text
+        return [RolloutResponse.model_validate(r.json()) for r in responses], swapped.json()
+
+    responses, status = asyncio.run(traffic_during_swap())
+    assert status["version"] == 1 and status["path"] == str(models["b"])
+    assert _weights(server)["version"] == 1
+    # Every sample was made by the weights of the version it reports, whichever side of the swap it fell.
+    for response in responses:
+        for sample in response.prompts[0].samples:
+            policy = {0: "a", 1: "b"}[sample.policy_version]
+            expected = reference(policy, response.prompts[0].prompt_token_ids, [image], sample.token_ids, 1.0)
+            torch.testing.assert_close(
+                torch.tensor(sample.logprobs), expected, atol=LOGPROB_TOLERANCE[server.backend], rtol=0
+            )
+    after = rollout(server, body)
+    assert after.policy_version == 1 and all(s.policy_version == 1 for s in after.prompts[0].samples)
+
+
+def test_failed_weight_loads_leave_the_old_weights_serving(server, models, tmp_path):
+    before = _weights(server)["version"]
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((models["a"] / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    cases = [
+        ({"path": str(tmp_path / "missing"), "version": before + 1}, 422, "path"),
+        ({"path": str(models["other_shape"]), "version": before + 1}, 422, "path"),
+        ({"path": str(corrupt), "version": before + 1}, 422, "path"),
+        ({"path": str(models["a"]), "version": before}, 409, "version"),
+    ]
+    with server.client() as client:
+        for payload, status, field in cases:
+            response = client.post("/v1/weights", json=payload)
+            assert response.status_code == status, (payload, response.text)
+            assert response.json()["error"]["field"] == field
+        wrong_shape = client.post(
+            "/v1/weights", json={"path": str(models["other_shape"]), "version": before + 1}
+        )
+        assert "shape" in wrong_shape.json()["error"]["message"]
+    assert _weights(server)["version"] == before
+    assert rollout(server, {"prompts": [{"prompt_id": "x", "messages": [{"role": "user", "content": "hi"}]}]})
+
+
+def test_weights_by_value(server, models, examples, reference):
+    version = _weights(server)["version"] + 1
+    data = (models["a"] / "model.safetensors").read_bytes()
+    with server.client() as client:
+        response = client.post(
+            "/v1/weights/tensors",
+            params={"version": version},
+            content=data,
+            headers={"content-type": "application/octet-stream"},
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["version"] == version
+        refused = client.post("/v1/weights/tensors", params={"version": version + 1}, content=b"garbage")
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "body"
+    image = examples[1].image
+    body = {"prompts": [image_prompt("p", image, "Which side?")], "n": 1, "sampling": {"max_tokens": 5}}
+    prompt = rollout(server, body).prompts[0]
+    sample = prompt.samples[0]
+    assert sample.policy_version == version
+    expected = reference("a", prompt.prompt_token_ids, [image], sample.token_ids, 1.0)
+    torch.testing.assert_close(
+        torch.tensor(sample.logprobs), expected, atol=LOGPROB_TOLERANCE[server.backend], rtol=0
+    )
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def _png_data_url(size: tuple[int, int], noise: bool = False) -> str:
+    image = Image.effect_noise(size, 100).convert("RGB") if noise else Image.new("RGB", size, (10, 200, 30))
+    return encode_image_data_url(image)
+
+
+def _with_image(url: str) -> dict:
+    return {
+        "prompts": [
+            {
+                "prompt_id": "p",
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+            }
+        ]
+    }
+
+
+BAD_REQUESTS = {
+    "corrupt image": (
+        _with_image("data:image/png;base64," + base64.b64encode(b"\x89PNG broken").decode()),
+        400,
+        "prompts.0.messages.0.content.0.image_url.url",
+        "corrupt",
+    ),
+    "unsupported mime": (
+        _with_image("data:image/gif;base64,R0lGODlh"),
+        400,
+        "prompts.0.messages.0.content.0.image_url.url",
+        "unsupported_mime",
+    ),
+    "too many bytes": (
+        _with_image(_png_data_url((400, 400), noise=True)),
+        413,
+        "prompts.0.messages.0.content.0.image_url.url",
+        "too_large",
+    ),
+    "too many pixels": (
+        _with_image(_png_data_url((700, 700))),
+        413,
+        "prompts.0.messages.0.content.0.image_url.url",
+        "too_many_pixels",
+    ),
+    "too many images": (
+        {
+            "prompts": [
+                {
+                    "prompt_id": "p",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": _png_data_url((28, 28))}}]
+                            * 33,
+                        }
+                    ],
+                }
+            ]
+        },
+        422,
+        "prompts.0.messages",
+        "validation_error",
+    ),
+    "too many prompts": (
+        {
+            "prompts": [
+                {"prompt_id": str(i), "messages": [{"role": "user", "content": "x"}]} for i in range(1025)
+            ]
+        },
+        422,
+        "prompts",
+        "validation_error",
+    ),
+    "n over the limit": ({**_with_image(_png_data_url((28, 28))), "n": 65}, 422, "n", "validation_error"),
+    "max_tokens over the limit": (
+        {**_with_image(_png_data_url((28, 28))), "sampling": {"max_tokens": 10**6}},
+        422,
+        "sampling.max_tokens",
+        "validation_error",
+    ),
+    "unknown field": (
+        {**_with_image(_png_data_url((28, 28))), "temperature": 0.5},
+        422,
+        "temperature",
+        "validation_error",
+    ),
+    "prompt longer than the context": (
+        {"prompts": [{"prompt_id": "p", "messages": [{"role": "user", "content": "red " * 600}]}]},
+        400,
+        "prompts.0.messages",
+        "context_length_exceeded",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving(server, case):
+    body, status, field, code = BAD_REQUESTS[case]
+    with server.client() as client:
+        response = client.post("/v1/rollouts", json=body)
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert (error["field"], error["code"]) == (field, code), error
+        ok = client.post(
+            "/v1/rollouts",
+            json={
+                "prompts": [{"prompt_id": "ok", "messages": [{"role": "user", "content": "hi"}]}],
+                "sampling": {"max_tokens": 2},
+            },
+        )
+        assert ok.status_code == 200, ok.text
+
+
+def test_malformed_json_is_a_400_naming_the_body(server):
+    with server.client() as client:
+        response = client.post(
+            "/v1/rollouts", content=b'{"prompts": [', headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400
+        assert response.json()["error"] == {
+            "field": "body",
+            "code": "invalid_json",
+            "message": response.json()["error"]["message"],
+        }
+        assert client.get("/ready").status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    long = {
+        "prompts": [{"prompt_id": "long", "messages": [{"role": "user", "content": "Tell a long story."}]}],
+        "n": 2,
+        "sampling": {"max_tokens": 400, "stop": []},
+    }
+    with server.client() as client:
+        before = client.get("/metrics").text
+
+    async def abandon() -> None:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            request = asyncio.ensure_future(client.post("/v1/rollouts", json=long, timeout=None))
+            async with httpx.AsyncClient(base_url=server.url) as watcher:
+                for _ in range(500):
+                    depth = metric((await watcher.get("/metrics")).text, "cppo_rollout_queue_depth")
+                    if depth >= 1:
+                        break
+                    await asyncio.sleep(0.01)
+            request.cancel()
+
+    asyncio.run(abandon())
+    with server.client() as client:
+        for _ in range(1000):
+            after = client.get("/metrics").text
+            if metric(after, "cppo_rollout_queue_depth") == 0:
+                break
+        assert metric(after, "cppo_rollout_queue_depth") == 0
+        if server.backend == "transformers":
+            # Both aborted samples stopped well before their 400-token budget.
+            for _ in range(1000):
+                after = client.get("/metrics").text
+                aborted = metric(after, 'cppo_rollout_samples_total{finish_reason="abort"}')
+                if aborted - metric(before, 'cppo_rollout_samples_total{finish_reason="abort"}') >= 2:
+                    break
+            generated = metric(after, "cppo_rollout_generated_tokens_total") - metric(
+                before, "cppo_rollout_generated_tokens_total"
+            )
+            assert aborted - metric(before, 'cppo_rollout_samples_total{finish_reason="abort"}') == 2
+            assert generated < 2 * 400
+        ok = client.post(
+            "/v1/rollouts",
+            json={
+                "prompts": [{"prompt_id": "ok", "messages": [{"role": "user", "content": "hi"}]}],
+                "sampling": {"max_tokens": 2},
+            },
+        )
+        assert ok.status_code == 200
+
+
+def test_the_server_json_errors_follow_one_schema(server):
+    with server.client() as client:
+        response = client.post("/v1/chat/completions", json={"messages": [], "model": "x"})
+    assert response.status_code == 422
+    assert set(json.loads(response.text)["error"]) == {"field", "code", "message"}
+
+
+def test_unknown_model_names_are_refused_by_chat_completions(server):
+    with server.client() as client:
+        response = client.post(
+            "/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}
+        )
+    assert response.status_code == 404 and response.json()["error"]["field"] == "model"
