@@ -64,7 +64,7 @@ class RolloutSettings(BaseSettings):
     max_wait_ms: float = Field(
         5.0, ge=0, description="transformers: how long a batch waits for more requests, in ms"
     )
-    dtype: str = Field("auto", description="weights dtype: auto, float32, bfloat16 or float16")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights dtype")
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="vllm: fraction of accelerator (on CPU: NUMA node) memory to use"
     )

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the subcommands, so ``cppo --h
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,14 @@ def _serve_rollouts(settings: BaseSettings) -> None:
     from rollout_server.main import serve
 
     serve(settings)
+
+
+def _openapi(args: argparse.Namespace) -> None:
+    from rollout_server.app import create_app
+
+    # The schema does not depend on the model, which is not loaded to build it.
+    app = create_app(RolloutSettings(model="MODEL"))
+    print(json.dumps(app.openapi(), indent=2, sort_keys=True))
 
 
 def _describe(error: ValidationError) -> str:
@@ -115,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         "variable: --max-batch-size is CPPO_ROLLOUT_MAX_BATCH_SIZE.",
     )
     _settings_command(rollout, RolloutSettings, _serve_rollouts)
+
+    openapi = commands.add_parser(
+        "openapi",
+        help="print a service's OpenAPI schema (the API reference in docs/api)",
+        description="Print the OpenAPI schema of a service as JSON.",
+    )
+    openapi.add_argument("service", choices=("rollout-server",), help="the service")
+    openapi.set_defaults(handler=_openapi)
     return parser
 
 

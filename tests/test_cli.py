@@ -67,3 +67,19 @@ def test_an_unwritable_output_folder_is_reported(tmp_path):
     result = run("synth-data", str(blocker / "d"), "--train", "1", "--test", "1")
     assert result.returncode == 2
     assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_committed_api_reference_is_up_to_date():
+    committed = Path(__file__).parent.parent / "docs" / "api" / "rollout-server.openapi.json"
+    result = run("openapi", "rollout-server")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == committed.read_text(), "the API changed: run `make docs` and commit docs/api"
+
+
+def test_the_readme_documents_every_rollout_server_setting():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    from rollout_server.config import RolloutSettings
+
+    for name in RolloutSettings.model_fields:
+        assert f"`--{name.replace('_', '-')}" in readme, name
+        assert f"`CPPO_ROLLOUT_{name.upper()}`" in readme, name
