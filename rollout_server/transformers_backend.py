@@ -194,7 +194,7 @@ class TransformersBackend:
         self.model = await asyncio.to_thread(self._load, self.model_id)
         text_config = self.model.config.get_text_config()
         self.max_model_len = self.max_model_len or text_config.max_position_embeddings
-        self.suppressed_ids = suppressed_token_ids(self.tokenizer, text_config.vocab_size)
+        self.suppressed_ids = suppressed_token_ids(self.tokenizer)
         self.eos_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
         self.eos_ids |= set(_as_list(self.model.generation_config.eos_token_id))
         self.eos_ids.discard(None)

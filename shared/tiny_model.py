@@ -114,8 +114,9 @@ def train_tokenizer(vocab_size: int = 2048) -> Qwen2Tokenizer:
 def build_config(tokenizer: Qwen2Tokenizer, profile: Profile) -> Qwen2_5_VLConfig:
     dims = PROFILES[profile]
     ids = tokenizer.convert_tokens_to_ids
-    # Round the vocabulary up, as real checkpoints do, so that token ids never index past it.
-    vocab_size = -(-len(tokenizer) // 64) * 64
+    # Exactly the tokenizer's size: padding rows (real checkpoints round up) would hold random weights
+    # here, and so real probability of emitting tokens that decode to nothing.
+    vocab_size = len(tokenizer)
     text = {
         "vocab_size": vocab_size,
         "hidden_size": dims.hidden_size,

@@ -30,16 +30,15 @@ VISION_PLACEHOLDER_TOKENS = (
 )
 
 
-def suppressed_token_ids(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:
-    """Token ids the policy never emits: vision placeholders, and embedding rows past the tokenizer.
+def suppressed_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids the policy never emits: the vision placeholders.
 
     The rollout backends mask them when sampling, so the policy's distribution is the softmax over the
     remaining ids. A teacher-forced pass must mask the same ids to compute log-probs of that
     distribution (``trainer.objective.logprobs_and_entropy(..., suppressed_ids=...)``).
     """
     vocab = tokenizer.get_vocab()
-    placeholders = [vocab[token] for token in VISION_PLACEHOLDER_TOKENS if token in vocab]
-    return sorted(set(placeholders) | set(range(len(tokenizer), vocab_size)))
+    return sorted(vocab[token] for token in VISION_PLACEHOLDER_TOKENS if token in vocab)
 
 
 class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
