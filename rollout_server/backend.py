@@ -17,16 +17,6 @@ from transformers import PreTrainedTokenizerBase
 
 FinishReason = Literal["stop", "length", "abort"]
 
-# Sampling one of these would put vision placeholders in a response, and the next teacher-forced pass
-# over it fails ("image features and image tokens do not match"), so no backend ever samples them.
-BLOCKED_SPECIAL_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-
 
 @dataclass(frozen=True)
 class SamplingSpec:

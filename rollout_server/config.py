@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.images import ImageLimits
+from shared.schemas import MAX_IMAGES_PER_PROMPT
 
 
 class RolloutSettings(BaseSettings):
@@ -57,6 +58,12 @@ class RolloutSettings(BaseSettings):
     )
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="largest image file, in bytes")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest image, in pixels")
+    max_images_per_prompt: int = Field(
+        4,
+        ge=1,
+        le=MAX_IMAGES_PER_PROMPT,
+        description="most images in one prompt (vllm reserves memory for them)",
+    )
     max_model_len: int | None = Field(
         None, ge=16, description="context length, prompt and response (default: the model's)"
     )

@@ -36,6 +36,7 @@ def make_backend(settings: RolloutSettings, folder: Path, metrics: RolloutMetric
             dtype=settings.dtype,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             tensor_parallel_size=settings.tensor_parallel_size,
+            max_images_per_prompt=settings.max_images_per_prompt,
         )
     return TransformersBackend(
         str(folder),

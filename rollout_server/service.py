@@ -121,9 +121,17 @@ def chat_template_messages(messages: Sequence[ChatMessage]) -> list[dict]:
 
 
 def decode_message_images(
-    messages: Sequence[ChatMessage], limits: ImageLimits, field: str
+    messages: Sequence[ChatMessage], limits: ImageLimits, max_images: int, field: str
 ) -> list[Image.Image]:
     """Every image of the messages, in reading order; a refused one names its field."""
+    count = sum(len(message.image_urls()) for message in messages)
+    if count > max_images:
+        raise ServiceError(
+            422,
+            field,
+            "too_many_images",
+            f"the prompt has {count} images; this server takes at most {max_images}",
+        )
     images = []
     for m, message in enumerate(messages):
         if isinstance(message.content, str):
@@ -177,7 +185,13 @@ class RolloutService:
         limits = self.settings.image_limits()
         images = await asyncio.gather(
             *(
-                asyncio.to_thread(decode_message_images, p.messages, limits, f"prompts.{i}.messages")
+                asyncio.to_thread(
+                    decode_message_images,
+                    p.messages,
+                    limits,
+                    self.settings.max_images_per_prompt,
+                    f"prompts.{i}.messages",
+                )
                 for i, p in enumerate(request.prompts)
             )
         )
@@ -266,7 +280,11 @@ class RolloutService:
                 f"model {request.model!r} is not served here; use {self.settings.name()!r}",
             )
         images = await asyncio.to_thread(
-            decode_message_images, request.messages, self.settings.image_limits(), "messages"
+            decode_message_images,
+            request.messages,
+            self.settings.image_limits(),
+            self.settings.max_images_per_prompt,
+            "messages",
         )
         sampling = SamplingSpec(
             temperature=request.temperature,

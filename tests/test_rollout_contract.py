@@ -450,6 +450,25 @@ BAD_REQUESTS = {
         "prompts.0.messages",
         "validation_error",
     ),
+    "more images than the server takes": (
+        {
+            "prompts": [
+                {
+                    "prompt_id": "p",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": _png_data_url((28, 28))}}]
+                            * 5,
+                        }
+                    ],
+                }
+            ]
+        },
+        422,
+        "prompts.0.messages",
+        "too_many_images",
+    ),
     "too many prompts": (
         {
             "prompts": [
