@@ -91,6 +91,14 @@ Version = Annotated[int, Field(ge=0)]
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 
 
+def _refuse_duplicates(ids: list[str], name: str) -> None:
+    seen: set[str] = set()
+    for value in ids:
+        if value in seen:
+            raise ValueError(f"{name} {value!r} appears more than once")
+        seen.add(value)
+
+
 class _Owned(BaseModel):
     """A model of our own API: unknown fields are errors."""
 
@@ -318,11 +326,7 @@ class RolloutRequest(_Owned):
     @field_validator("prompts")
     @classmethod
     def _unique_prompt_ids(cls, prompts: list[RolloutPrompt]) -> list[RolloutPrompt]:
-        seen: set[str] = set()
-        for prompt in prompts:
-            if prompt.prompt_id in seen:
-                raise ValueError(f"prompt_id {prompt.prompt_id!r} appears more than once")
-            seen.add(prompt.prompt_id)
+        _refuse_duplicates([prompt.prompt_id for prompt in prompts], "prompt_id")
         return prompts
 
     @field_validator("sample_on")
@@ -454,11 +458,7 @@ class ScoreRequest(_Owned):
     @field_validator("items")
     @classmethod
     def _unique_ids(cls, items: list[ScoreItem]) -> list[ScoreItem]:
-        seen: set[str] = set()
-        for item in items:
-            if item.id in seen:
-                raise ValueError(f"id {item.id!r} appears more than once")
-            seen.add(item.id)
+        _refuse_duplicates([item.id for item in items], "id")
         return items
 
 
