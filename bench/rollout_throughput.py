@@ -1,0 +1,670 @@
+"""Rollout throughput: what HTTP costs, and what dynamic batching buys, on the transformers backend.
+
+Two questions about the rollout server, answered in one run on the same prompts, each against a
+baseline measured in that same run (so the machine's speed cancels out of every ratio):
+
+1. **HTTP overhead.** The trainer reaches generation through ``POST /v1/rollouts``: JSON, base64 PNG
+   images, pydantic validation, the chat template, a thread hop per image, and the response's way back.
+   We time that against calling ``TransformersBackend.generate`` in this process on the same rendered
+   prompts, images, sampling and seeds, one request at a time on both paths, the two paths taking
+   turns prompt by prompt (so that a shift in the machine's load falls on both alike). Perturbed views
+   are disabled so that both paths do the same generation work, and the server derives the per-prompt
+   seed exactly as we do here, so both paths draw the very same tokens (checked, and reported). The
+   ratio is HTTP time / in-process time for the same tokens; the target is at most 1.10.
+2. **Batching gain.** The server merges concurrent requests into one ``generate`` call. 1, 4 and 16 HTTP
+   clients (``httpx.AsyncClient``) share the prompts, each sending its share back to back; each request
+   is one prompt with ``n = 1``, so any batching comes from concurrency alone. The gain is generated
+   tokens/s at 16 clients over 1 client (the sequential HTTP run of question 1); the target is at least 3.
+
+Throughput counts the tokens actually generated (``sum(len(token_ids))``): ``max_tokens`` is fixed and
+``stop`` is empty, but the model may still emit an end token early. Every path is warmed up with one
+request before timing; every measurement is repeated (``--repeats`` rounds, each round measuring every
+path, so that drift affects all paths alike) and the median is reported. The machine, the versions,
+the settings and the CPU that other processes used meanwhile are written with the results, which are
+only comparable on the machine they describe.
+
+    .venv/bin/python bench/rollout_throughput.py [--model DIR] [--prompts N] [--max-tokens M] [--out FILE]
+
+By default a tiny random model (``shared.tiny_model``, profile ``transformers``) is built in a
+temporary folder; the run takes about three minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import torch
+import transformers
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from rollout_server.backend import GenerationRequest, SamplingSpec
+from rollout_server.service import derive_seed
+from rollout_server.transformers_backend import TransformersBackend
+from shared import synth_data
+from shared.images import encode_image_data_url
+from shared.schemas import RolloutResponse
+from shared.tiny_model import build_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+HTTP_OVERHEAD_TARGET = 1.10
+"""Most HTTP time / in-process time for the same tokens."""
+BATCHING_GAIN_TARGET = 3.0
+"""Least throughput at 16 clients / throughput at 1 client."""
+CONCURRENCY = (1, 4, 16)
+
+console = Console(stderr=True)
+
+
+# --- the workload -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One benchmark prompt, in both of the forms the two paths take it."""
+
+    prompt_id: str
+    question: str
+    image: Image.Image
+    seed: int
+    body: dict
+    """The ``POST /v1/rollouts`` body: this prompt alone, ``n = 1``, views off."""
+
+
+def make_prompts(count: int, max_tokens: int, seed: int) -> list[Prompt]:
+    """``count`` synthetic questions with their images; request ``i`` is sampled with seed ``seed + i``."""
+    prompts = []
+    for index, example in enumerate(synth_data.generate("test", count, seed)):
+        question = example.problem.removeprefix(synth_data.IMAGE_PLACEHOLDER)
+        prompt_id = f"bench-{index}"
+        body = {
+            "prompts": [
+                {
+                    "prompt_id": prompt_id,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {
+                                    "type": "image_url",
+                                    "image_url": {"url": encode_image_data_url(example.image)},
+                                },
+                                {"type": "text", "text": question},
+                            ],
+                        }
+                    ],
+                }
+            ],
+            "n": 1,
+            "sampling": {"max_tokens": max_tokens, "temperature": 1.0, "stop": [], "seed": seed + index},
+            "views": {"positive": None, "negative": None},
+        }
+        prompts.append(Prompt(prompt_id, question, example.image, seed + index, body))
+    return prompts
+
+
+def generation_request(backend: TransformersBackend, prompt: Prompt, max_tokens: int) -> GenerationRequest:
+    """What the server hands its backend for ``prompt.body``: the same text, image, sampling and seed."""
+    text = backend.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.question}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    # The server derives each prompt's seed from the request's, its prompt id and the image view.
+    sampling = SamplingSpec(
+        temperature=1.0,
+        max_tokens=max_tokens,
+        stop=(),
+        seed=derive_seed(prompt.seed, prompt.prompt_id, "clean"),
+    )
+    return GenerationRequest(text, (prompt.image,), 1, sampling)
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One timed pass over all the prompts."""
+
+    seconds: float
+    """Wall time of the pass; for the paired sequential runs, the sum of this path's request times."""
+    samples: dict[str, list[int]]
+    """Generated token ids by prompt id."""
+    mean_batch: float | None
+    """Mean sequences per ``generate`` call during the pass."""
+    other_cores: float
+    """CPU used meanwhile by processes other than this one and the server, in cores."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(map(len, self.samples.values()))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+@dataclass
+class Measurement:
+    """Repeated runs of one path."""
+
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, attribute: str) -> float:
+        return statistics.median(getattr(run, attribute) for run in self.runs)
+
+    def summary(self) -> dict:
+        return {
+            "median_seconds": self.median("seconds"),
+            "median_tokens_per_second": self.median("tokens_per_second"),
+            "tokens": [run.tokens for run in self.runs],
+            "seconds": [round(run.seconds, 4) for run in self.runs],
+            "tokens_per_second": [round(run.tokens_per_second, 2) for run in self.runs],
+            "mean_batch_size": [run.mean_batch and round(run.mean_batch, 2) for run in self.runs],
+            "other_processes_cpu_cores": [round(run.other_cores, 2) for run in self.runs],
+        }
+
+
+class CpuMeter:
+    """How much CPU the rest of the machine used during a measurement.
+
+    Other sessions' jobs on a shared machine slow both paths down, and not evenly; the results say how
+    busy the machine was, from ``/proc/stat`` (all CPUs) less this process and the server.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def snapshot(self) -> tuple[float, float, float]:
+        """(wall time, CPU seconds of the whole machine, CPU seconds of our processes)."""
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+        busy = user + nice + system + irq + softirq + steal
+        ours = 0
+        for pid in self.pids:
+            stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ours += int(stat[11]) + int(stat[12])  # utime and stime
+        return time.perf_counter(), busy / self.tick, ours / self.tick
+
+    def others(self, since: tuple[float, float, float]) -> float:
+        now = self.snapshot()
+        return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])
+
+
+@dataclass
+class Bench:
+    """Everything the measurements share."""
+
+    backend: TransformersBackend
+    requests: dict[str, GenerationRequest]
+    """In-process requests by prompt id."""
+    batches: list[int]
+    """Sequences per ``generate`` call of the in-process backend."""
+    client: httpx.AsyncClient
+    prompts: list[Prompt]
+    meter: CpuMeter
+
+    async def local(self, prompt: Prompt) -> list[int]:
+        """One prompt through ``TransformersBackend.generate``."""
+        generation = await self.backend.generate(self.requests[prompt.prompt_id])
+        return generation.samples[0].token_ids
+
+    async def remote(self, prompt: Prompt) -> list[int]:
+        """One prompt through ``POST /v1/rollouts``, the response parsed as a trainer parses it."""
+        response = await self.client.post("/v1/rollouts", json=prompt.body)
+        response.raise_for_status()
+        return RolloutResponse.model_validate_json(response.content).prompts[0].samples[0].token_ids
+
+    async def sequential(self, flip: bool) -> tuple[Run, Run]:
+        """Every prompt on both paths, one request at a time: (in-process, HTTP).
+
+        The paths alternate prompt by prompt (in-process first on even prompts, HTTP first on odd ones,
+        the other way round when ``flip``), so that a change in the machine's load falls on both alike.
+        """
+        paths = {"local": self.local, "remote": self.remote}
+        seconds = dict.fromkeys(paths, 0.0)
+        samples: dict[str, dict[str, list[int]]] = {name: {} for name in paths}
+        self.batches.clear()
+        before, cpu = await self.batch_histogram(), self.meter.snapshot()
+        for index, prompt in enumerate(self.prompts):
+            order = ("local", "remote") if (index + flip) % 2 == 0 else ("remote", "local")
+            for name in order:
+                start = time.perf_counter()
+                samples[name][prompt.prompt_id] = await paths[name](prompt)
+                seconds[name] += time.perf_counter() - start
+        others = self.meter.others(cpu)
+        remote_batch = _mean_batch(before, await self.batch_histogram())
+        return (
+            Run(seconds["local"], samples["local"], statistics.fmean(self.batches), others),
+            Run(seconds["remote"], samples["remote"], remote_batch, others),
+        )
+
+    async def concurrent(self, clients: int) -> Run:
+        """Every prompt over HTTP, ``clients`` clients each sending its share back to back."""
+        samples: dict[str, list[int]] = {}
+
+        async def one_client(share: list[Prompt]) -> None:
+            for prompt in share:
+                samples[prompt.prompt_id] = await self.remote(prompt)
+
+        before, cpu = await self.batch_histogram(), self.meter.snapshot()
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client(self.prompts[k::clients]) for k in range(clients)))
+        seconds = time.perf_counter() - start
+        others = self.meter.others(cpu)
+        return Run(seconds, samples, _mean_batch(before, await self.batch_histogram()), others)
+
+    async def batch_histogram(self) -> tuple[float, float]:
+        """The server's ``cppo_rollout_batch_size`` histogram: (sequences, ``generate`` calls)."""
+        text = (await self.client.get("/metrics")).text
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("cppo_rollout_batch_size_sum", "cppo_rollout_batch_size_count"):
+                values[name] = float(value)
+        return values.get("cppo_rollout_batch_size_sum", 0.0), values.get(
+            "cppo_rollout_batch_size_count", 0.0
+        )
+
+
+def _mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    calls = after[1] - before[1]
+    return (after[0] - before[0]) / calls if calls else None
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def rollout_server(
+    model: Path, max_batch_size: int, max_wait_ms: float, log: Path
+) -> Iterator[tuple[str, int]]:
+    """``cppo rollout-server`` on a free port, as a user starts it; yields its URL and pid once ``/ready``."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "shared.cli",
+        "rollout-server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--max-wait-ms",
+        str(max_wait_ms),
+        "--log-level",
+        "warning",
+    ]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=url, timeout=5) as client:
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the server was not ready within 120 s:\n{log.read_text()}")
+                try:
+                    if client.get("/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- the machine --------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    cpu = "unknown"
+    with Path("/proc/cpuinfo").open() as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    memory = "unknown"
+    with Path("/proc/meminfo").open() as info:
+        for line in info:
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                break
+    commit = _git("rev-parse", "--short", "HEAD")
+    if _git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
+    return {
+        "cpu": cpu,
+        "cores": f"{len(os.sched_getaffinity(0))} usable of {os.cpu_count()}",
+        "torch threads": str(torch.get_num_threads()),
+        "memory": memory,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "httpx": httpx.__version__,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "git commit": commit,
+    }
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def round_ratios(numerator: Measurement, denominator: Measurement, attribute: str) -> list[float]:
+    """``numerator / denominator`` of one attribute, round by round (both were measured in each round)."""
+    return [
+        getattr(top, attribute) / getattr(bottom, attribute)
+        for top, bottom in zip(numerator.runs, denominator.runs, strict=True)
+    ]
+
+
+def report(
+    machine_info: dict[str, str],
+    settings: dict[str, str],
+    measurements: dict[str, Measurement],
+    identical: dict[str, bool],
+    wall_seconds: float,
+) -> tuple[str, dict]:
+    """The results as markdown, and as a dict for the JSON file."""
+    local, sequential = measurements["in-process"], measurements["http-1"]
+    overheads = round_ratios(sequential, local, "seconds")
+    overhead = statistics.median(overheads)
+    per_request_ms = statistics.median(
+        (remote.seconds - here.seconds) / len(here.samples) * 1000
+        for remote, here in zip(sequential.runs, local.runs, strict=True)
+    )
+    gains = {c: round_ratios(measurements[f"http-{c}"], sequential, "tokens_per_second") for c in CONCURRENCY}
+    gain = statistics.median(gains[max(CONCURRENCY)])
+    others = [run.other_cores for m in measurements.values() for run in m.runs]
+
+    def met(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    def row(m: Measurement) -> str:
+        batches = [run.mean_batch for run in m.runs if run.mean_batch is not None]
+        return (
+            f"{m.runs[0].tokens} | {m.median('seconds'):.2f} | {m.median('tokens_per_second'):.1f} | "
+            f"{statistics.median(batches):.1f} | {m.median('other_cores'):.2f}"
+        )
+
+    def listed(values: list[float], digits: int = 2) -> str:
+        return ", ".join(f"{v:.{digits}f}" for v in values)
+
+    lines = [
+        "# Rollout throughput",
+        "",
+        "Produced by `bench/rollout_throughput.py`; its docstring says what is measured and why.",
+        "Every ratio is between numbers measured in the same round; each figure is the median of",
+        f"{len(local.runs)} rounds.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in machine_info.items()),
+        f"| CPU used by other processes while measuring | median {statistics.median(others):.2f} cores "
+        f"(from {min(others):.2f} to {max(others):.2f}) |",
+        "",
+        "## Settings",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in settings.items()),
+        "",
+        "## 1. HTTP overhead (sequential, one request at a time)",
+        "",
+        "The two paths alternate prompt by prompt; time is the sum of each path's request times.",
+        "",
+        "| path | generated tokens | time (s) | tokens/s | mean batch | other processes (cores) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| in-process `TransformersBackend.generate` | {row(local)} |",
+        f"| HTTP `POST /v1/rollouts` | {row(sequential)} |",
+        "",
+        "| ratio | measured | target | |",
+        "|---|---:|---:|---|",
+        f"| HTTP time ÷ in-process time, same tokens | {overhead:.3f} | ≤ {HTTP_OVERHEAD_TARGET:.2f} "
+        f"| {met(overhead <= HTTP_OVERHEAD_TARGET)} |",
+        "",
+        f"Round by round: {listed(overheads, 3)}. HTTP time less in-process time, per request: "
+        f"{per_request_ms:+.1f} ms (median of rounds).",
+        f"Both paths drew identical tokens for every prompt: {'yes' if identical['http'] else 'NO'}.",
+        "",
+        "## 2. Batching gain (HTTP, concurrent clients, n = 1 per request)",
+        "",
+        "| clients | generated tokens | time (s) | tokens/s | mean batch | other processes (cores) "
+        "| gain over 1 client |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {c} | {row(measurements[f'http-{c}'])} | {statistics.median(gains[c]):.2f}× |"
+            for c in CONCURRENCY
+        ),
+        "",
+        "| ratio | measured | target | |",
+        "|---|---:|---:|---|",
+        f"| tokens/s at {max(CONCURRENCY)} clients ÷ tokens/s at 1 client | {gain:.2f}× "
+        f"| ≥ {BATCHING_GAIN_TARGET:.0f}× | {met(gain >= BATCHING_GAIN_TARGET)} |",
+        "",
+        f"Round by round: {listed(gains[max(CONCURRENCY)])}. The 1-client row is the HTTP side of section 1.",
+        "Mean batch: sequences per `generate` call, from the server's `cppo_rollout_batch_size` histogram.",
+        "Every concurrency level drew the same tokens as the in-process run: "
+        f"{'yes' if identical['concurrent'] else 'NO'}.",
+        *_small_batches_note(measurements, settings["max_wait_ms"]),
+        "",
+        f"Whole run, model build and server start included: {wall_seconds:.0f} s.",
+        "",
+    ]
+    data = {
+        "machine": machine_info,
+        "settings": settings,
+        "http_overhead": {
+            "ratio": overhead,
+            "by_round": overheads,
+            "added_ms_per_request": per_request_ms,
+            "target_max": HTTP_OVERHEAD_TARGET,
+            "met": overhead <= HTTP_OVERHEAD_TARGET,
+        },
+        "batching_gain": {
+            "ratio": gain,
+            "clients": max(CONCURRENCY),
+            "by_round": {str(c): gains[c] for c in CONCURRENCY},
+            "target_min": BATCHING_GAIN_TARGET,
+            "met": gain >= BATCHING_GAIN_TARGET,
+        },
+        "identical_samples": identical,
+        "measurements": {name: m.summary() for name, m in measurements.items()},
+        "wall_seconds": wall_seconds,
+    }
+    return "\n".join(lines), data
+
+
+def _small_batches_note(measurements: dict[str, Measurement], max_wait_ms: str) -> list[str]:
+    """A line explaining batches well below the client count, where there were any."""
+    short = []
+    for clients in CONCURRENCY[1:]:
+        batches = [run.mean_batch for run in measurements[f"http-{clients}"].runs if run.mean_batch]
+        if batches and statistics.median(batches) < 0.75 * clients:
+            short.append(f"{statistics.median(batches):.1f} with {clients} clients")
+    if not short:
+        return []
+    return [
+        f"Batches held fewer sequences than there were clients ({', '.join(short)}): the batcher closes a",
+        f"batch {max_wait_ms} ms after its first request, and a request that reaches the queue later waits",
+        "for the whole next `generate` call.",
+    ]
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    model: Path | None
+    prompts: int
+    max_tokens: int
+    repeats: int
+    max_batch_size: int
+    max_wait_ms: float
+    seed: int
+    out: Path
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument(
+        "--model", type=Path, help="model folder (default: build the tiny model in a temp dir)"
+    )
+    parser.add_argument("--prompts", type=int, default=48, help="prompts per run (default 48)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of measurements; medians are kept")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="the server's --max-batch-size")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
+    parser.add_argument("--seed", type=int, default=0, help="data seed; request i samples with seed + i")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench/results/rollout_throughput.md", help="markdown results file"
+    )
+    args = parser.parse_args(argv)
+    if args.prompts < max(CONCURRENCY):
+        parser.error(f"--prompts must be at least {max(CONCURRENCY)}, one per client")
+    return Options(**vars(args))
+
+
+async def measure(
+    options: Options, model: Path, profile: str, log_dir: Path, started: float
+) -> tuple[str, dict]:
+    """Every measurement, in rounds; the report, ``started`` being when the run started."""
+    load = os.getloadavg()[0]
+    prompts = make_prompts(options.prompts, options.max_tokens, options.seed)
+    batches: list[int] = []
+    backend = TransformersBackend(
+        str(model),
+        max_batch_size=options.max_batch_size,
+        max_wait_ms=options.max_wait_ms,
+        observe_batch=batches.append,
+    )
+    await backend.start()
+    requests = {p.prompt_id: generation_request(backend, p, options.max_tokens) for p in prompts}
+    measurements = {name: Measurement(name) for name in ("in-process", *(f"http-{c}" for c in CONCURRENCY))}
+    server = rollout_server(model, options.max_batch_size, options.max_wait_ms, log_dir / "server.log")
+    with server as (url, pid):
+        connections = 2 * max(CONCURRENCY)
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            bench = Bench(backend, requests, batches, client, prompts, CpuMeter([os.getpid(), pid]))
+            # Warm-up: one request on each path.
+            await bench.local(prompts[0])
+            await bench.remote(prompts[0])
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns, console=console, transient=True) as progress:
+                task = progress.add_task("measuring", total=options.repeats * len(CONCURRENCY))
+                for repeat in range(options.repeats):
+                    flip = repeat % 2 == 1
+                    where = f"round {repeat + 1}/{options.repeats}"
+                    progress.update(task, description=f"{where}: sequential, in-process and HTTP")
+                    local, remote = await bench.sequential(flip)
+                    measurements["in-process"].runs.append(local)
+                    measurements["http-1"].runs.append(remote)
+                    progress.advance(task)
+                    concurrent = [c for c in CONCURRENCY if c > 1]
+                    for clients in reversed(concurrent) if flip else concurrent:
+                        progress.update(task, description=f"{where}: {clients} HTTP clients")
+                        measurements[f"http-{clients}"].runs.append(await bench.concurrent(clients))
+                        progress.advance(task)
+    await backend.close()
+
+    reference = measurements["in-process"].runs[0].samples
+    identical = {
+        "http": all(run.samples == reference for run in measurements["http-1"].runs),
+        "concurrent": all(
+            run.samples == reference for c in CONCURRENCY for run in measurements[f"http-{c}"].runs
+        ),
+    }
+    settings = {
+        "model": str(options.model) if options.model else f"tiny random Qwen2.5-VL, profile {profile!r}",
+        "backend": "transformers",
+        "prompts": str(options.prompts),
+        "n per request": "1",
+        "max_tokens": str(options.max_tokens),
+        "sampling": "temperature 1.0, top_p 1.0, top_k off, stop empty, seed fixed per request",
+        "views": "off",
+        "max_batch_size": str(options.max_batch_size),
+        "max_wait_ms": str(options.max_wait_ms),
+        "rounds": str(options.repeats),
+        "concurrency": ", ".join(map(str, CONCURRENCY)),
+    }
+    info = {**machine(), "load average (1 min) at start": f"{load:.2f}"}
+    return report(info, settings, measurements, identical, time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parse_args(argv)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cppo-bench-") as scratch:
+        model, profile = options.model, "custom"
+        if model is None:
+            with console.status("building the tiny model"):
+                model, profile = (
+                    build_tiny_model(Path(scratch) / "tiny", profile="transformers"),
+                    "transformers",
+                )
+        markdown, data = asyncio.run(measure(options, model, profile, Path(scratch), started))
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(markdown)
+    options.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    print(markdown)
+    console.print(f"written: {options.out} and {options.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
