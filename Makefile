@@ -40,6 +40,7 @@ format: setup
 # The API reference in docs/api, generated from the services' OpenAPI schemas.
 docs: setup
 	$(VENV)/bin/cppo openapi rollout-server > docs/api/rollout-server.openapi.json
+	$(VENV)/bin/cppo openapi reward-server > docs/api/reward-server.openapi.json
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -6,7 +6,6 @@ a flag wins over the environment, which wins over the default.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +13,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.images import ImageLimits
+from shared.net import is_loopback
 from shared.schemas import MAX_IMAGES_PER_PROMPT
 
 
@@ -91,18 +91,9 @@ class RolloutSettings(BaseSettings):
         model, so they are never served on a reachable address without a key by accident."""
         if not self.enable_weight_updates or self.api_key is not None or self.allow_unauthenticated_weights:
             return None
-        if _is_loopback(self.host):
+        if is_loopback(self.host):
             return None
         return (
             f"refusing to serve weight updates on {self.host} without an API key; set --api-key, "
             "or --no-enable-weight-updates, or (on a trusted network) --allow-unauthenticated-weights"
         )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

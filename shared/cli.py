@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, CliSettingsSource
 
+from reward_server.config import RewardSettings
 from rollout_server.config import RolloutSettings
 
 Handler = Callable[[argparse.Namespace], None]
@@ -52,11 +53,22 @@ def _serve_rollouts(settings: BaseSettings) -> None:
     serve(settings)
 
 
-def _openapi(args: argparse.Namespace) -> None:
-    from rollout_server.app import create_app
+def _serve_rewards(settings: BaseSettings) -> None:
+    from reward_server.main import serve
 
-    # The schema does not depend on the model, which is not loaded to build it.
-    app = create_app(RolloutSettings(model="MODEL"))
+    serve(settings)
+
+
+def _openapi(args: argparse.Namespace) -> None:
+    # Building an app loads no model and starts no worker: that happens at start-up.
+    if args.service == "rollout-server":
+        from rollout_server.app import create_app as create_rollout_app
+
+        app = create_rollout_app(RolloutSettings(model="MODEL"))
+    else:
+        from reward_server.app import create_app as create_reward_app
+
+        app = create_reward_app(RewardSettings())
     print(json.dumps(app.openapi(), indent=2, sort_keys=True))
 
 
@@ -125,12 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _settings_command(rollout, RolloutSettings, _serve_rollouts)
 
+    reward = commands.add_parser(
+        "reward-server",
+        help="serve reward functions: /v1/score and OpenRLHF's /get_reward",
+        description="Score model responses over HTTP. Every flag can also be set as an environment "
+        "variable: --workers is CPPO_REWARD_WORKERS.",
+    )
+    _settings_command(reward, RewardSettings, _serve_rewards)
+
     openapi = commands.add_parser(
         "openapi",
         help="print a service's OpenAPI schema (the API reference in docs/api)",
         description="Print the OpenAPI schema of a service as JSON.",
     )
-    openapi.add_argument("service", choices=("rollout-server",), help="the service")
+    openapi.add_argument("service", choices=("rollout-server", "reward-server"), help="the service")
     openapi.set_defaults(handler=_openapi)
     return parser
 

@@ -11,10 +11,11 @@ import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.schemas import ErrorDetail, ErrorResponse
@@ -63,10 +64,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _refused(request: Request, error: ServiceError) -> JSONResponse:
         return error_response(error.status, error.field, error.code, error.message)
 
+    # Starlette's HTTPException, which FastAPI's own subclasses; the router raises it for 404 and 405.
     @app.exception_handler(HTTPException)
     async def _http(request: Request, error: HTTPException) -> JSONResponse:
-        code = "not_found" if error.status_code == 404 else "http_error"
-        return error_response(error.status_code, None, code, str(error.detail), headers=error.headers)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        field = "body" if error.status_code == 400 else None
+        return error_response(error.status_code, field, code, str(error.detail), headers=error.headers)
 
 
 def bearer_auth(api_key: str | None) -> Callable[[Request], Awaitable[None]]:

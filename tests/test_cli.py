@@ -69,9 +69,10 @@ def test_an_unwritable_output_folder_is_reported(tmp_path):
     assert "error:" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_the_committed_api_reference_is_up_to_date():
-    committed = Path(__file__).parent.parent / "docs" / "api" / "rollout-server.openapi.json"
-    result = run("openapi", "rollout-server")
+@pytest.mark.parametrize("service", ["rollout-server", "reward-server"])
+def test_the_committed_api_reference_is_up_to_date(service):
+    committed = Path(__file__).parent.parent / "docs" / "api" / f"{service}.openapi.json"
+    result = run("openapi", service)
     assert result.returncode == 0, result.stderr
     assert result.stdout == committed.read_text(), "the API changed: run `make docs` and commit docs/api"
 

@@ -1,0 +1,528 @@
+r"""Reward throughput: what the worker pool gains over a plain loop, and what a small batch costs.
+
+Two questions about the reward server, answered in one run on the same items, each ratio against a
+baseline measured in that same run (so the machine's speed cancels out of it):
+
+1. **Throughput.** ``math`` items per second through ``POST /v1/score`` in batches of 256, against a
+   plain in-process loop over math-verify on the same 256 items. Two baselines are measured:
+
+   * *stock math-verify*: ``verify(parse(truth), parse(response))`` with math-verify's defaults
+     (its own answer extraction over the whole response, its ``signal.alarm`` timeouts), the loop a
+     user writes first; this is the baseline of the target;
+   * *our ``math`` function in a loop*: the very work each server worker does per item (our answer
+     extraction, then math-verify's LaTeX parser and ``verify``), without processes or HTTP; the
+     ratio against it isolates what the pool and HTTP add and gain.
+
+   The server runs ``--workers`` worker processes (default: one per core); the target is at least
+   1.7x the stock loop on 2 cores, because the pool scores items in parallel and HTTP adds little.
+2. **Latency.** p50 and p99 of ``POST /v1/score`` with 16 items, one request at a time, as a trainer
+   scoring a small group would see it.
+
+The items are generated from a seed: answers of several kinds (integers, fractions, decimals,
+polynomials, roots, intervals, equations), half right and half wrong in an equivalent or a different
+form, after a few hundred characters of reasoning. Every path scores every item and the verdicts are
+compared (reported).
+
+sympy iterates over sets, so ``PYTHONHASHSEED`` changes how much work an item takes (by up to a third
+on this workload, between one process and the next). So the baselines run in a process of their own,
+started with the same hash seed as the server (and so its workers), and the whole measurement is
+repeated under several hash seeds (``--hash-seeds``), one server each. Every path is warmed up first;
+rounds alternate the three paths (so that a change in the machine's load falls on all of them), and
+medians are reported. The machine, the versions, the settings and the CPU that other processes used
+meanwhile are written with the results.
+
+    .venv/bin/python bench/reward_throughput.py [--items 256] [--rounds 3] [--hash-seeds 0,1,2]
+
+About four minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from reward_server.functions import math_reward
+
+REPO = Path(__file__).resolve().parent.parent
+THROUGHPUT_TARGET = 1.7
+"""Least server items/s over stock math-verify items/s, on 2 cores."""
+LATENCY_BATCH = 16
+
+console = Console(stderr=True)
+
+
+# --- the workload -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    response: str
+    truth: str
+
+
+WORDS = (
+    "first", "we", "note", "that", "the", "terms", "combine", "so", "we", "simplify", "both", "sides",
+    "then", "substitute", "back", "and", "check", "the", "value", "carefully", "since", "each", "step",
+    "must", "hold", "for", "the", "given", "constraints", "which", "means",
+)  # fmt: skip
+
+
+def _reasoning(rng: random.Random) -> str:
+    parts = []
+    for _ in range(rng.randint(20, 60)):
+        if rng.random() < 0.2:
+            a, b = rng.randint(2, 99), rng.randint(2, 99)
+            parts.append(f"${a} + {b} = {a + b}$")
+        else:
+            parts.append(rng.choice(WORDS))
+    return " ".join(parts)
+
+
+def _answer(rng: random.Random) -> tuple[str, str, str]:
+    """(the truth, an equivalent answer, a wrong answer) of one of several kinds."""
+    kind = rng.randrange(7)
+    a, b = rng.randint(1, 40), rng.randint(2, 40)
+    if kind == 0:
+        return str(a * b), str(a * b), str(a * b + 1)
+    if kind == 1:
+        return rf"\frac{{{a}}}{{{b}}}", rf"\dfrac{{{2 * a}}}{{{2 * b}}}", rf"\frac{{{a + 1}}}{{{b}}}"
+    if kind == 2:
+        value = a / 8
+        return f"{value}", rf"\frac{{{a}}}{{8}}", f"{value + 0.5}"
+    if kind == 3:
+        return f"x^2+{2 * a}x+{a * a}", f"(x+{a})^2", f"(x+{a + 1})^2"
+    if kind == 4:
+        return rf"{a}\sqrt{{2}}", rf"\sqrt{{{2 * a * a}}}", rf"{a}\sqrt{{3}}"
+    if kind == 5:
+        return f"[{a}, {a + b})", f"[{a},{a + b})", f"({a}, {a + b}]"
+    return f"{a}", f"x = {a}", f"x = {a + 1}"
+
+
+def make_items(count: int, seed: int) -> list[Item]:
+    rng = random.Random(seed)
+    items = []
+    for index in range(count):
+        truth, equivalent, wrong = _answer(rng)
+        answer = equivalent if index % 2 == 0 else wrong
+        response = f"<think>{_reasoning(rng)}</think> So the final answer is \\boxed{{{answer}}}."
+        items.append(Item(response, truth))
+    return items
+
+
+# --- the three paths ----------------------------------------------------------------------------
+
+
+def stock_loop(items: list[Item]) -> list[float]:
+    """math-verify as its README shows it, defaults and all, one item after another."""
+    from math_verify import parse, verify
+
+    return [1.0 if verify(parse(f"${item.truth}$"), parse(item.response)) else 0.0 for item in items]
+
+
+def function_loop(items: list[Item]) -> list[float]:
+    """Our ``math`` reward function, one item after another, in this process."""
+    return [math_reward(item.response, item.truth) for item in items]
+
+
+def score_body(items: list[Item]) -> dict:
+    return {
+        "items": [
+            {"id": str(i), "response": item.response, "ground_truth": item.truth, "reward": "math"}
+            for i, item in enumerate(items)
+        ]
+    }
+
+
+def server_scores(client: httpx.Client, items: list[Item]) -> list[float]:
+    reply = client.post("/v1/score", json=score_body(items))
+    reply.raise_for_status()
+    results = reply.json()["results"]
+    if any(result["status"] != "ok" for result in results):
+        raise RuntimeError(f"some items were not scored: {[r for r in results if r['status'] != 'ok'][:3]}")
+    return [result["reward"] for result in results]
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+class CpuMeter:
+    """How much CPU the rest of the machine used during a measurement: ``/proc/stat`` (all CPUs) less
+    this process and the server's process tree (its fork server and workers)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _tree(self) -> set[int]:
+        found, todo = set(), list(self.pids)
+        while todo:
+            pid = todo.pop()
+            if pid in found:
+                continue
+            found.add(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                todo.extend(int(child) for child in task.read_text().split())
+        return found
+
+    def snapshot(self) -> tuple[float, float, float]:
+        """(wall time, CPU seconds of the whole machine, CPU seconds of our processes)."""
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+        busy = user + nice + system + irq + softirq + steal
+        ours = 0
+        for pid in self._tree():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except FileNotFoundError:
+                continue
+            ours += int(stat[11]) + int(stat[12])  # utime and stime
+        return time.perf_counter(), busy / self.tick, ours / self.tick
+
+    def others(self, since: tuple[float, float, float]) -> float:
+        now = self.snapshot()
+        return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])
+
+
+@dataclass
+class Timed:
+    seconds: float
+    other_cores: float
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def reward_server(workers: int, log: Path) -> Iterator[tuple[str, int]]:
+    """``cppo reward-server`` on a free port, as a user starts it; yields its URL and pid once ``/ready``."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "shared.cli", "reward-server",
+        "--port", str(port), "--workers", str(workers), "--log-level", "warning",
+    ]  # fmt: skip
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=url, timeout=5) as client:
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the server was not ready in time:\n{log.read_text()}")
+                try:
+                    if client.get("/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-quantile by linear interpolation between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# --- the machine --------------------------------------------------------------------------------
+
+
+def machine(workers: int) -> dict[str, str]:
+    cpu = "unknown"
+    with Path("/proc/cpuinfo").open() as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    memory = "unknown"
+    with Path("/proc/meminfo").open() as info:
+        for line in info:
+            if line.startswith("MemTotal"):
+                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                break
+    commit = _git("rev-parse", "--short", "HEAD")
+    if _git("status", "--porcelain"):
+        commit += " (with uncommitted changes)"
+    return {
+        "cpu": cpu,
+        "cores": f"{len(os.sched_getaffinity(0))} usable of {os.cpu_count()}",
+        "memory": memory,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "math-verify": version("math-verify"),
+        "latex2sympy2_extended": version("latex2sympy2_extended"),
+        "sympy": version("sympy"),
+        "fastapi": version("fastapi"),
+        "uvicorn": version("uvicorn"),
+        "httpx": httpx.__version__,
+        "server workers": str(workers),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "git commit": commit,
+        "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
+    }
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --- the baseline process ------------------------------------------------------------------------
+
+_child_items: list[Item] = []
+LOOPS: dict[str, Callable[[list[Item]], list[float]]] = {"stock": stock_loop, "ours": function_loop}
+
+
+def _child_start(count: int, seed: int) -> None:
+    """In the baseline process: make the same items, and warm both loops up on all of them."""
+    global _child_items
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    _child_items = make_items(count, seed)
+    for loop in LOOPS.values():
+        loop(_child_items)
+
+
+def _child_loop(name: str) -> tuple[float, list[float]]:
+    """In the baseline process: one timed pass of a loop over the items."""
+    start = time.perf_counter()
+    scores = LOOPS[name](_child_items)
+    return time.perf_counter() - start, scores
+
+
+@contextmanager
+def hash_seed(seed: int) -> Iterator[None]:
+    """``PYTHONHASHSEED`` for the processes started meanwhile (the baseline process, the server and so its
+    workers). sympy iterates over sets, so the hash seed changes how much work an item takes: by a
+    third between seeds on this workload. Both sides of every ratio run under the same seed."""
+    previous = os.environ.get("PYTHONHASHSEED")
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["PYTHONHASHSEED"]
+        else:
+            os.environ["PYTHONHASHSEED"] = previous
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+PATHS = {"stock": "stock math-verify loop", "ours": "our math function loop", "server": "POST /v1/score"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=256, help="items per throughput batch (default 256)")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per hash seed (default 3)")
+    parser.add_argument(
+        "--hash-seeds", default="0,1,2", help="PYTHONHASHSEED values, one server each (default 0,1,2)"
+    )
+    parser.add_argument(
+        "--latency-requests", type=int, default=200, help="16-item requests timed (default 200)"
+    )
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="server workers")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results" / "reward_throughput.md", help="markdown file"
+    )
+    args = parser.parse_args()
+    args.hash_seeds = [int(seed) for seed in args.hash_seeds.split(",")]
+    started = time.perf_counter()
+
+    items = make_items(args.items, args.seed)
+    latency_items = make_items(LATENCY_BATCH * 8, args.seed + 1)
+    batches = [latency_items[i : i + LATENCY_BATCH] for i in range(0, len(latency_items), LATENCY_BATCH)]
+    info = machine(args.workers)
+    scratch = Path(tempfile.mkdtemp(prefix="reward-bench-"))
+    rounds: dict[str, list[Timed]] = {name: [] for name in PATHS.values()}
+    round_seeds: list[int] = []
+    agreement: dict[str, int] = {}
+    latencies: list[float] = []
+    latency_others = 0.0
+    spawn = multiprocessing.get_context("spawn")
+    for hash_index, seed in enumerate(args.hash_seeds):
+        console.print(f"PYTHONHASHSEED={seed}: starting the baseline process and the server, warming up")
+        with (
+            hash_seed(seed),
+            spawn.Pool(1, initializer=_child_start, initargs=(args.items, args.seed)) as baseline,
+            reward_server(args.workers, scratch / f"server-{seed}.log") as (url, pid),
+            httpx.Client(base_url=url, timeout=600) as client,
+        ):
+            meter = CpuMeter([os.getpid(), pid])
+            served = server_scores(client, items)  # warm-up, and the verdicts
+            if not agreement:
+                _, expected = baseline.apply(_child_loop, ("ours",))
+                _, stock = baseline.apply(_child_loop, ("stock",))
+                agreement = {
+                    "server = our function": sum(a == b for a, b in zip(served, expected, strict=True)),
+                    "stock math-verify = our function": sum(
+                        a == b for a, b in zip(stock, expected, strict=True)
+                    ),
+                    "right answers (our function)": int(sum(expected)),
+                }
+            paths: dict[str, Callable[[], float]] = {
+                PATHS["stock"]: lambda: baseline.apply(_child_loop, ("stock",))[0],
+                PATHS["ours"]: lambda: baseline.apply(_child_loop, ("ours",))[0],
+                PATHS["server"]: lambda: _timed_request(client, items),
+            }
+            for number in range(args.rounds):
+                order = list(paths) if number % 2 == 0 else list(reversed(paths))
+                for name in order:
+                    before = meter.snapshot()
+                    seconds = paths[name]()
+                    rounds[name].append(Timed(seconds, meter.others(before)))
+                    console.print(f"  round {number + 1}: {name}: {args.items / seconds:.1f} items/s")
+                round_seeds.append(seed)
+            if hash_index == len(args.hash_seeds) - 1:
+                console.print(f"latency: {args.latency_requests} requests of {LATENCY_BATCH} items")
+                for batch in batches:  # warm-up
+                    server_scores(client, batch)
+                before = meter.snapshot()
+                for request in range(args.latency_requests):
+                    latencies.append(_timed_request(client, batches[request % len(batches)]))
+                latency_others = meter.others(before)
+
+    wall = time.perf_counter() - started
+    markdown, raw = report(info, args, rounds, round_seeds, agreement, latencies, latency_others, wall)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown)
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
+    print(markdown)
+
+
+def _timed_request(client: httpx.Client, items: list[Item]) -> float:
+    start = time.perf_counter()
+    server_scores(client, items)
+    return time.perf_counter() - start
+
+
+def report(
+    info, args, rounds, round_seeds, agreement, latencies, latency_others, wall_seconds
+) -> tuple[str, dict]:
+    rates = {name: [args.items / run.seconds for run in runs] for name, runs in rounds.items()}
+    server, stock, ours = rates[PATHS["server"]], rates[PATHS["stock"]], rates[PATHS["ours"]]
+    vs_stock = [s / b for s, b in zip(server, stock, strict=True)]
+    vs_ours = [s / b for s, b in zip(server, ours, strict=True)]
+    others = [run.other_cores for runs in rounds.values() for run in runs]
+    ratio_stock, ratio_ours = statistics.median(vs_stock), statistics.median(vs_ours)
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    met = "**met**" if ratio_stock >= THROUGHPUT_TARGET else "**not met**"
+
+    def listed(values: list[float], digits: int = 2) -> str:
+        return ", ".join(f"{value:.{digits}f}" for value in values)
+
+    lines = [
+        "# Reward throughput",
+        "",
+        "Produced by `bench/reward_throughput.py`; its docstring says what is measured and why.",
+        "Every ratio is between numbers measured in the same round, under the same `PYTHONHASHSEED`;",
+        f"figures are medians of {len(round_seeds)} rounds ({args.rounds} for each hash seed "
+        f"{', '.join(map(str, args.hash_seeds))}).",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in info.items()),
+        f"| CPU used by other processes while measuring throughput | median {statistics.median(others):.2f} "
+        f"cores (from {min(others):.2f} to {max(others):.2f}) |",
+        f"| ... while measuring latency | {latency_others:.2f} cores |",
+        "",
+        "## Settings",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| throughput batch | {args.items} `math` items, one request |",
+        f"| latency batch | {LATENCY_BATCH} items, {args.latency_requests} requests one at a time |",
+        f"| workload seed | {args.seed} |",
+        f"| server | `cppo reward-server --workers {args.workers}` (item timeout 10 s, the default) |",
+        "| baselines | in a separate process (same `PYTHONHASHSEED`), warmed up on every item |",
+        "",
+        "## Verdicts",
+        "",
+        "| | items |",
+        "|---|---:|",
+        *(f"| {key} | {value} of {args.items} |" for key, value in agreement.items()),
+        "",
+        "## 1. Throughput (items/s)",
+        "",
+        f"| path | median | rounds (hash seeds {listed(round_seeds, 0)}) |",
+        "|---|---:|---|",
+        *(f"| {name} | {statistics.median(rate):.1f} | {listed(rate, 1)} |" for name, rate in rates.items()),
+        "",
+        "| ratio | median | rounds | target | |",
+        "|---|---:|---|---:|---|",
+        f"| server / stock math-verify loop | {ratio_stock:.2f} | {listed(vs_stock)} | "
+        f"≥ {THROUGHPUT_TARGET} | {met} |",
+        f"| server / our math function loop | {ratio_ours:.2f} | {listed(vs_ours)} | | |",
+        "",
+        f"## 2. Latency of a {LATENCY_BATCH}-item request",
+        "",
+        "| p50 | p99 | mean | max |",
+        "|---:|---:|---:|---:|",
+        f"| {p50 * 1000:.1f} ms | {p99 * 1000:.1f} ms | {statistics.mean(latencies) * 1000:.1f} ms | "
+        f"{max(latencies) * 1000:.1f} ms |",
+        "",
+        f"Whole run: {wall_seconds:.0f} s.",
+        "",
+    ]
+    raw = {
+        "machine": info,
+        "settings": {
+            "items": args.items,
+            "rounds_per_hash_seed": args.rounds,
+            "hash_seeds": args.hash_seeds,
+            "seed": args.seed,
+            "workers": args.workers,
+        },
+        "verdicts": agreement,
+        "round_hash_seeds": round_seeds,
+        "items_per_second": rates,
+        "ratios": {"server_over_stock": vs_stock, "server_over_our_function": vs_ours},
+        "other_processes_cpu_cores": {name: [r.other_cores for r in runs] for name, runs in rounds.items()},
+        "latency_seconds": {"p50": p50, "p99": p99, "all": latencies},
+    }
+    return "\n".join(lines), raw
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Example reward-function plugins: ``cppo reward-server --plugin reward_server.examples.NAME``."""

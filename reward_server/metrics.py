@@ -1,0 +1,52 @@
+"""Prometheus metrics of the reward server, in a registry of its own (so several apps share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class RewardMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cppo_reward_requests",
+            "HTTP requests, by route and status code",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cppo_reward_request_seconds",
+            "HTTP request latency, by route",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.items = Counter(
+            "cppo_reward_items",
+            "Items scored, by status (ok, timeout, error)",
+            ["status"],
+            registry=self.registry,
+        )
+        self.item_seconds = Histogram(
+            "cppo_reward_item_seconds",
+            "Time from an item reaching a worker to its result, timeouts and restarts included",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.workers = Gauge(
+            "cppo_reward_workers", "Scoring worker processes running", registry=self.registry
+        )
+        self.worker_restarts = Counter(
+            "cppo_reward_worker_restarts",
+            "Worker processes stopped and replaced, by reason (timeout, crash)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "cppo_reward_queue_depth", "Items waiting for a worker", registry=self.registry
+        )
+        # Every label value from the start, so that dashboards see zeros rather than gaps.
+        for status in ("ok", "timeout", "error"):
+            self.items.labels(status)
+        for reason in ("timeout", "crash"):
+            self.worker_restarts.labels(reason)
