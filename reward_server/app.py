@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -20,10 +19,10 @@ from reward_server.metrics import RewardMetrics
 from reward_server.plugins import load_registry, resolve_plugins
 from reward_server.pool import Outcome, PoolBusy, WorkerPool
 from shared.http import (
-    OPEN_PATHS,
     BodyLimit,
     Instrument,
     ServiceError,
+    bearer_auth,
     cancel_on_disconnect,
     install_error_handlers,
 )
@@ -52,32 +51,6 @@ def running_pool(request: Request) -> WorkerPool:
 
 
 Pool = Annotated[WorkerPool, Depends(running_pool)]
-
-
-def api_key_auth(api_key: str | None) -> Callable[[Request], Coroutine[Any, Any, None]]:
-    """With a key set, every route outside OPEN_PATHS needs ``Authorization: Bearer <key>``.
-    ``/get_reward`` also takes ``?api_key=<key>``, since OpenRLHF sends no headers of its own but
-    calls whatever URL it is given."""
-    expected = api_key.encode() if api_key is not None else None
-
-    async def check(request: Request) -> None:
-        if expected is None or request.url.path in OPEN_PATHS:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), expected):
-            return
-        given = request.query_params.get("api_key")
-        if (
-            request.url.path == OPENRLHF_PATH
-            and given is not None
-            and secrets.compare_digest(given.encode(), expected)
-        ):
-            return
-        raise ServiceError(
-            401, "Authorization", "unauthorized", "a valid 'Authorization: Bearer <key>' is required"
-        )
-
-    return check
 
 
 def create_app(settings: RewardSettings) -> FastAPI:
@@ -122,7 +95,12 @@ def create_app(settings: RewardSettings) -> FastAPI:
         "OpenRLHF's remote reward protocol included.",
         lifespan=lifespan,
         dependencies=[
-            Depends(api_key_auth(settings.api_key.get_secret_value() if settings.api_key else None))
+            Depends(
+                bearer_auth(
+                    settings.api_key.get_secret_value() if settings.api_key else None,
+                    query_key_paths=frozenset({OPENRLHF_PATH}),
+                )
+            )
         ],
         responses=ERRORS,
     )

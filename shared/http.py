@@ -72,17 +72,28 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error.status_code, field, code, str(error.detail), headers=error.headers)
 
 
-def bearer_auth(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that, with a key set, requires ``Authorization: Bearer <key>`` outside OPEN_PATHS."""
+def bearer_auth(
+    api_key: str | None, query_key_paths: frozenset[str] = frozenset()
+) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that, with a key set, requires ``Authorization: Bearer <key>`` outside OPEN_PATHS.
+
+    On ``query_key_paths`` the key may come as ``?api_key=<key>`` instead, for clients that call a
+    configured URL but send no headers of their own (OpenRLHF's remote reward model client)."""
+    expected = api_key.encode() if api_key is not None else None
 
     async def check(request: Request) -> None:
-        if api_key is None or request.url.path in OPEN_PATHS:
+        if expected is None or request.url.path in OPEN_PATHS:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
-            raise ServiceError(
-                401, "Authorization", "unauthorized", "a valid 'Authorization: Bearer <key>' is required"
-            )
+        if scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), expected):
+            return
+        given = request.query_params.get("api_key")
+        in_query = request.url.path in query_key_paths and given is not None
+        if in_query and secrets.compare_digest(given.encode(), expected):
+            return
+        raise ServiceError(
+            401, "Authorization", "unauthorized", "a valid 'Authorization: Bearer <key>' is required"
+        )
 
     return check
 
