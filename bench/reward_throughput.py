@@ -45,10 +45,8 @@ import multiprocessing
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -62,6 +60,7 @@ import httpx
 from rich.console import Console
 
 from reward_server.functions import math_reward
+from shared.launch import running_service
 
 REPO = Path(__file__).resolve().parent.parent
 THROUGHPUT_TARGET = 1.7
@@ -209,45 +208,12 @@ class Timed:
     other_cores: float
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
 def reward_server(workers: int, log: Path) -> Iterator[tuple[str, int]]:
     """``cppo reward-server`` on a free port, as a user starts it; yields its URL and pid once ``/ready``."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "shared.cli", "reward-server",
-        "--port", str(port), "--workers", str(workers), "--log-level", "warning",
-    ]  # fmt: skip
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        with httpx.Client(base_url=url, timeout=5) as client:
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the server was not ready in time:\n{log.read_text()}")
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    args = ["--workers", str(workers), "--log-level", "warning"]
+    with running_service("reward-server", args, log) as service:
+        yield service.url, service.process.pid
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -36,10 +36,8 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -60,6 +58,7 @@ from rollout_server.service import derive_seed
 from rollout_server.transformers_backend import TransformersBackend
 from shared import synth_data
 from shared.images import encode_image_data_url
+from shared.launch import running_service
 from shared.schemas import RolloutResponse
 from shared.tiny_model import build_tiny_model
 
@@ -295,59 +294,14 @@ def _mean_batch(before: tuple[float, float], after: tuple[float, float]) -> floa
 # --- the server ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
 def rollout_server(
     model: Path, max_batch_size: int, max_wait_ms: float, log: Path
 ) -> Iterator[tuple[str, int]]:
     """``cppo rollout-server`` on a free port, as a user starts it; yields its URL and pid once ``/ready``."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "shared.cli",
-        "rollout-server",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        "--max-batch-size",
-        str(max_batch_size),
-        "--max-wait-ms",
-        str(max_wait_ms),
-        "--log-level",
-        "warning",
-    ]
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        with httpx.Client(base_url=url, timeout=5) as client:
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the server was not ready within 120 s:\n{log.read_text()}")
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    args = ["--model", str(model), "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]
+    with running_service("rollout-server", [*args, "--log-level", "warning"], log) as service:
+        yield service.url, service.process.pid
 
 
 # --- the machine --------------------------------------------------------------------------------

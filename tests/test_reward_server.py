@@ -17,13 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import Server, free_port, metric, running_server
+from servers import metric, running_server
 
 from reward_server.app import openrlhf_response
 from reward_server.config import RewardSettings
 from reward_server.functions import Task
 from reward_server.main import serve
 from reward_server.pool import Outcome, WorkerPool
+from shared.launch import Service, free_port
 from shared.schemas import MAX_SCORE_ITEMS, MAX_TEXT_CHARS, OpenRLHFRewardResponse, ScoreResponse
 
 ITEM_TIMEOUT_S = 2
@@ -103,7 +104,7 @@ def server(plugin, tmp_path_factory):
 
 
 @pytest.fixture
-def client(server: Server):
+def client(server: Service):
     with server.client(timeout=60) as client:
         wait_for_full_pool(client)
         yield client
