@@ -77,10 +77,13 @@ def test_the_committed_api_reference_is_up_to_date(service):
     assert result.stdout == committed.read_text(), "the API changed: run `make docs` and commit docs/api"
 
 
-def test_the_readme_documents_every_rollout_server_setting():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+@pytest.mark.parametrize("service", ["rollout", "reward"])
+def test_the_readme_documents_every_server_setting(service):
+    from reward_server.config import RewardSettings
     from rollout_server.config import RolloutSettings
 
-    for name in RolloutSettings.model_fields:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    settings = {"rollout": RolloutSettings, "reward": RewardSettings}[service]
+    for name in settings.model_fields:
         assert f"`--{name.replace('_', '-')}" in readme, name
-        assert f"`CPPO_ROLLOUT_{name.upper()}`" in readme, name
+        assert f"`CPPO_{service.upper()}_{name.upper()}`" in readme, name
