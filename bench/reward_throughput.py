@@ -43,26 +43,23 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
 import httpx
+from machine import REPO, describe_machine
 from rich.console import Console
 
 from reward_server.functions import math_reward
 from shared.launch import running_service
 
-REPO = Path(__file__).resolve().parent.parent
 THROUGHPUT_TARGET = 1.7
 """Least server items/s over stock math-verify items/s, on 2 cores."""
 LATENCY_BATCH = 16
@@ -229,27 +226,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def machine(workers: int) -> dict[str, str]:
-    cpu = "unknown"
-    with Path("/proc/cpuinfo").open() as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.partition(":")[2].strip()
-                break
-    memory = "unknown"
-    with Path("/proc/meminfo").open() as info:
-        for line in info:
-            if line.startswith("MemTotal"):
-                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-                break
-    commit = _git("rev-parse", "--short", "HEAD")
-    if _git("status", "--porcelain"):
-        commit += " (with uncommitted changes)"
     return {
-        "cpu": cpu,
-        "cores": f"{len(os.sched_getaffinity(0))} usable of {os.cpu_count()}",
-        "memory": memory,
-        "os": platform.platform(),
-        "python": platform.python_version(),
+        **describe_machine(),
         "math-verify": version("math-verify"),
         "latex2sympy2_extended": version("latex2sympy2_extended"),
         "sympy": version("sympy"),
@@ -257,19 +235,8 @@ def machine(workers: int) -> dict[str, str]:
         "uvicorn": version("uvicorn"),
         "httpx": httpx.__version__,
         "server workers": str(workers),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "git commit": commit,
         "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
     }
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # --- the baseline process ------------------------------------------------------------------------

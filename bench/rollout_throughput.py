@@ -35,20 +35,18 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import torch
 import transformers
+from machine import REPO, describe_machine
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -62,7 +60,6 @@ from shared.launch import running_service
 from shared.schemas import RolloutResponse
 from shared.tiny_model import build_tiny_model
 
-REPO = Path(__file__).resolve().parent.parent
 HTTP_OVERHEAD_TARGET = 1.10
 """Most HTTP time / in-process time for the same tokens."""
 BATCHING_GAIN_TARGET = 3.0
@@ -309,43 +306,13 @@ def rollout_server(
 
 def machine() -> dict[str, str]:
     """What the numbers were measured on."""
-    cpu = "unknown"
-    with Path("/proc/cpuinfo").open() as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.partition(":")[2].strip()
-                break
-    memory = "unknown"
-    with Path("/proc/meminfo").open() as info:
-        for line in info:
-            if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-                break
-    commit = _git("rev-parse", "--short", "HEAD")
-    if _git("status", "--porcelain", "--untracked-files=no"):
-        commit += " (with uncommitted changes)"
     return {
-        "cpu": cpu,
-        "cores": f"{len(os.sched_getaffinity(0))} usable of {os.cpu_count()}",
+        **describe_machine(),
         "torch threads": str(torch.get_num_threads()),
-        "memory": memory,
-        "os": platform.platform(),
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "httpx": httpx.__version__,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "git commit": commit,
     }
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # --- the report ---------------------------------------------------------------------------------
