@@ -6,11 +6,10 @@ import logging
 import re
 
 import uvicorn
-from rich.console import Console
-from rich.table import Table
 
 from reward_server.app import create_app
 from reward_server.config import RewardSettings
+from shared.settings import show_settings
 
 _KEY_IN_QUERY = re.compile(r"(api_key=)[^&\s]*")
 
@@ -26,20 +25,13 @@ class RedactKeys(logging.Filter):
         return True
 
 
-def show_settings(settings: RewardSettings) -> None:
-    table = Table(title="reward server settings", show_header=False)
-    for name, value in settings.model_dump().items():
-        table.add_row(name, "********" if name == "api_key" and value is not None else str(value))
-    Console(stderr=True).print(table)
-
-
 def serve(settings: RewardSettings) -> None:
     """Refuse an insecure address, load the plugins (a bad one is a ``ValueError``), then serve."""
     problem = settings.auth_problem()
     if problem:
         raise ValueError(problem)
     app = create_app(settings)
-    show_settings(settings)
+    show_settings(settings, "reward server settings")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     logging.getLogger("uvicorn.access").addFilter(RedactKeys())  # after Config, which sets up logging
     uvicorn.Server(config).run()
