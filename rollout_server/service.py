@@ -54,6 +54,7 @@ from shared.schemas import (
     View,
     WeightsStatus,
 )
+from shared.vlm import chat_template_messages
 
 DEFAULT_CHAT_MAX_TOKENS = 1024
 _IMAGE_ERROR_STATUS = {"too_large": 413, "too_many_pixels": 413}
@@ -103,21 +104,6 @@ def derive_seed(seed: int | None, *parts: str | int) -> int:
         return secrets.randbits(63)
     words = [seed, *(zlib.crc32(p.encode()) if isinstance(p, str) else p for p in parts)]
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def chat_template_messages(messages: Sequence[ChatMessage]) -> list[dict]:
-    """Messages as Hugging Face chat templates take them: each image part becomes an image slot."""
-    converted = []
-    for message in messages:
-        if isinstance(message.content, str):
-            converted.append({"role": message.role, "content": message.content})
-            continue
-        parts = [
-            {"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
-            for part in message.content
-        ]
-        converted.append({"role": message.role, "content": parts})
-    return converted
 
 
 def decode_message_images(

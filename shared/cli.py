@@ -145,6 +145,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _settings_command(reward, RewardSettings, _serve_rewards)
 
+    from trainer.main import add_train_arguments, run_export, run_stack_up, run_train
+
+    train = commands.add_parser(
+        "train",
+        help="train a policy with GRPO, PAPO or CPPO against running rollout and reward servers",
+        description="Train with the config file and overrides. Launch several processes with torchrun, "
+        "deepspeed or accelerate launch (as `python -m trainer`); one process needs no launcher.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train)
+
+    stack = commands.add_parser(
+        "stack",
+        help="run the whole system locally: servers as child processes, then training",
+        description="Manage a local stack.",
+    )
+    stack_commands = stack.add_subparsers(dest="stack_command", metavar="ACTION", required=True)
+    up = stack_commands.add_parser(
+        "up",
+        help="build missing demo inputs, start the servers, train, stop everything",
+        description="Build the tiny model and synthetic data if the config's local paths are missing, start "
+        "a rollout server and a reward server on free ports, train, and shut everything down.",
+    )
+    add_train_arguments(up)
+    up.set_defaults(handler=run_stack_up)
+
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint's policy as a Hugging Face folder the rollout server can serve",
+        description="Copy a checkpoint's policy (weights, config, processor) into a Hugging Face folder.",
+    )
+    export.add_argument("checkpoint", type=Path, help="a checkpoint folder (run_dir/checkpoints/step-...)")
+    export.add_argument("out", type=Path, help="output folder")
+    export.set_defaults(handler=run_export)
+
     openapi = commands.add_parser(
         "openapi",
         help="print a service's OpenAPI schema (the API reference in docs/api)",

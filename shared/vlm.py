@@ -7,6 +7,7 @@ an image-and-text processor built from the same files when the stock one cannot 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import (
@@ -18,6 +19,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
 )
+
+from shared.schemas import ChatMessage, ImagePart
 
 # Sampling one of these would put a vision placeholder in a response, and the next teacher-forced pass
 # over it fails ("image features and image tokens do not match").
@@ -81,3 +84,18 @@ def load_processor(path: str | Path) -> ProcessorMixin:
 def load_model(path: str | Path, **kwargs) -> PreTrainedModel:
     """The model, through the same auto class for the tiny model and real checkpoints."""
     return AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+
+
+def chat_template_messages(messages: Sequence[ChatMessage]) -> list[dict]:
+    """Messages as Hugging Face chat templates take them: each image part becomes an image slot."""
+    converted = []
+    for message in messages:
+        if isinstance(message.content, str):
+            converted.append({"role": message.role, "content": message.content})
+            continue
+        parts = [
+            {"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
+            for part in message.content
+        ]
+        converted.append({"role": message.role, "content": parts})
+    return converted

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 Algorithm = Literal["grpo", "papo", "cppo"]
@@ -201,21 +202,34 @@ def double_entropy_loss(
     return eta_clean * entropy_clean + eta_masked * entropy_masked
 
 
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """Coefficients of the objective; the defaults are the CPPO paper's."""
+class ObjectiveConfig(BaseModel):
+    """Which objective, and its coefficients; the defaults are the CPPO paper's."""
 
-    algorithm: Algorithm = "cppo"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
-    beta: float = 0.0
-    cpl_coef: float = 0.01
-    tau: float = 0.1
-    top_fraction: float = 0.5
-    papo_gamma: float = 0.01
-    papo_eta_clean: float = 0.03
-    papo_eta_masked: float = 0.03
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    algorithm: Algorithm = Field(default="cppo", description="grpo, papo (PAPO) or cppo.")
+    eps_low: float = Field(default=0.2, ge=0, lt=1, description="Lower PPO clip range ε_low.")
+    eps_high: float = Field(default=0.2, ge=0, description="Upper PPO clip range ε_high.")
+    dual_clip: float | None = Field(
+        default=None, gt=1, description="Dual-clip bound c on negative-advantage ratios; null is off."
+    )
+    beta: float = Field(default=0.0, ge=0, description="Reference KL coefficient β; 0 loads no reference.")
+    cpl_coef: float = Field(
+        default=0.01, ge=0, description="CPPO: weight λ of the contrastive perception loss."
+    )
+    tau: float = Field(default=0.1, gt=0, description="CPPO: temperature τ of the contrastive loss.")
+    top_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="CPPO: fraction p of response tokens taken as perception tokens."
+    )
+    papo_gamma: float = Field(
+        default=0.01, ge=0, description="PAPO: weight γ of the implicit perception loss."
+    )
+    papo_eta_clean: float = Field(
+        default=0.03, ge=0, description="PAPO: entropy weight η₁ on the clean image."
+    )
+    papo_eta_masked: float = Field(
+        default=0.03, ge=0, description="PAPO: entropy weight η₂ on the masked image."
+    )
 
 
 @dataclass

@@ -1,0 +1,284 @@
+"""The whole loop over real servers on real ports: training steps, weight sync, checkpoints, export,
+resume after SIGKILL, two-process ZeRO-3, a replica killed mid-run, and configuration errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from servers import running_server
+
+from shared.launch import free_port
+from shared.synth_data import SynthSettings, write_dataset
+from shared.tiny_model import build_tiny_model
+
+# Small enough for seconds per step on two cores, large enough for groups with real advantages.
+BASE = {
+    "seed": 3,
+    "data": {"tasks": ["colour"], "instruction": ""},
+    "rollout": {"n": 4, "max_tokens": 2, "timeout_s": 120, "ready_timeout_s": 120},
+    "reward": {"reward": {"exact": 1.0}, "accuracy": "exact"},
+    "train": {"steps": 3, "prompts_per_step": 4, "micro_batch_size": 8, "lr": 1e-3},
+    "checkpoint": {"every": 2, "keep": 1},
+    "eval": {"every": 0, "prompts": 8, "samples": 2},
+    "log": {"tensorboard": False, "progress": False},
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    return {
+        "model": build_tiny_model(root / "model", seed=0),
+        "data": write_dataset(root / "data", SynthSettings(train=48, test=16, seed=0, image_size=56)),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def servers(inputs, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    rollout_args = ["--model", str(inputs["model"]), "--weights-root", str(inputs["root"].parent)]
+    with (
+        running_server("rollout-server", rollout_args, logs) as rollout,
+        running_server("reward-server", ["--workers", "1"], logs) as reward,
+    ):
+        yield {"rollout": rollout, "reward": reward}
+
+
+def _config(tmp: Path, inputs, rollout_urls: list[str], reward_url: str, **sections) -> Path:
+    config = json.loads(json.dumps(BASE))
+    config |= {
+        "run_dir": str(tmp / "run"),
+        "model": {"path": str(inputs["model"])},
+        "data": {**config["data"], "path": str(inputs["data"])},
+        "rollout": {**config["rollout"], "urls": rollout_urls},
+        "reward": {**config["reward"], "url": reward_url},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _train(
+    *args: str, launcher: list[str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    command = launcher or [sys.executable, "-m", "shared.cli", "train"]
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _version(service) -> int:
+    with service.client() as client:
+        return client.get("/v1/weights").json()["version"]
+
+
+def test_training_steps_sync_weights_checkpoint_and_export(tmp_path, inputs, servers):
+    sync_dir = inputs["root"] / "weights-e2e"
+    config = _config(
+        tmp_path,
+        inputs,
+        [servers["rollout"].url],
+        servers["reward"].url,
+        sync={"mode": "reference", "dir": str(sync_dir)},
+        eval={"every": 3},
+        train={"max_staleness": 1, "drop_uniform_groups": True},
+    )
+    before = _version(servers["rollout"])
+    done = _train("--config", str(config))
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    # Version before+1 is the starting policy; every step publishes the next one.
+    assert [m["policy_version"] for m in metrics] == [before + 1, before + 2, before + 3, before + 4]
+    assert _version(servers["rollout"]) == before + 4
+    for m in metrics[1:]:
+        # One reward function, exact, also the accuracy: the two means are the same number.
+        assert 0.0 <= m["reward_mean"] <= 1.0 and m["accuracy_mean"] == m["reward_mean"]
+        assert m["rows"] + 4 * m["groups_dropped"] == 16
+        assert m["tokens_per_s"] > 0 and m["seconds_train"] > 0
+    # max_staleness 1: step 1 was sampled by the starting policy, step 2 one version behind it.
+    assert metrics[1]["staleness_mean"] == 0 and metrics[2]["staleness_mean"] == 1
+    for key in ("eval_accuracy_greedy", "eval_accuracy_sampled", "eval_perception_gap"):
+        assert key in metrics[0] and key in metrics[3]
+    assert (run / "learning_curves.png").stat().st_size > 0
+    # keep 1: the step-2 checkpoint made way for the final one.
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step-000003"]
+    state = json.loads((run / "checkpoints/step-000003/trainer_state.json").read_text())
+    assert state["step"] == 3 and state["policy_version"] == before + 4
+    published = load_file(sync_dir / f"v{before + 4:06d}" / "model.safetensors")
+    saved = load_file(run / "checkpoints/step-000003/policy/model.safetensors")
+    initial = load_file(inputs["model"] / "model.safetensors")
+    assert published.keys() == saved.keys() == initial.keys()
+    assert all(torch.equal(published[k], saved[k]) for k in saved)
+    assert any(not torch.equal(initial[k], saved[k]) for k in saved), "training changed no weight"
+    # The export is a folder the rollout server serves.
+    out = inputs["root"] / "exported"
+    exported = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "export", str(run / "checkpoints/step-000003"), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert exported.returncode == 0, exported.stderr
+    with servers["rollout"].client() as client:
+        loaded = client.post("/v1/weights", json={"path": str(out), "version": before + 10})
+    assert loaded.status_code == 200, loaded.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["rollout.nn=3"], "rollout.nn: unknown key"),
+        (["train.lr=fast"], "train.lr"),
+        (["objective.algorithm=ppo"], "objective.algorithm"),
+        (["rollout.n=1"], "rollout.n"),
+        (["train"], "key=value"),
+    ],
+)
+def test_config_errors_name_the_key_without_a_traceback(tmp_path, overrides, named):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run")}))
+    done = _train("--config", str(config), *overrides, timeout=60)
+    assert done.returncode == 2
+    assert named in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_missing_or_broken_config_file_is_reported(tmp_path):
+    missing = _train("--config", str(tmp_path / "nope.yaml"), timeout=60)
+    assert missing.returncode == 2 and "cannot read the config" in missing.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    done = _train("--config", str(broken), timeout=60)
+    assert done.returncode == 2 and "not valid YAML" in done.stderr and "Traceback" not in done.stderr
+
+
+def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    path = run / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read() if process.stderr else "the trainer exited"
+        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the trainer did not reach step {step}")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_as_if_never_stopped(tmp_path, inputs, servers):
+    urls, reward = [servers["rollout"].url], servers["reward"].url
+    straight_dir, broken_dir = tmp_path / "straight", tmp_path / "broken"
+    straight_dir.mkdir()
+    broken_dir.mkdir()
+    sections = {"train": {"steps": 5}, "checkpoint": {"every": 2, "keep": 3}}
+    straight = _train("--config", str(_config(straight_dir, inputs, urls, reward, **sections)))
+    assert straight.returncode == 0, straight.stderr
+
+    config = _config(broken_dir, inputs, urls, reward, **sections)
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    command = [sys.executable, "-m", "shared.cli", "train", "--config", str(config)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(broken_dir / "run", 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # The kill came after step 3's metrics, before its checkpoint at step 4: step 2's is the latest.
+    assert (broken_dir / "run/checkpoints/step-000002").is_dir()
+    assert not list((broken_dir / "run/checkpoints").glob(".partial-*step-000004"))
+    resumed = _train("--config", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = _metrics(straight_dir / "run"), _metrics(broken_dir / "run")
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    assert [m["prompt_ids"] for m in a] == [m["prompt_ids"] for m in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["reward_mean"] == pytest.approx(y["reward_mean"])
+    final_a = load_file(straight_dir / "run/checkpoints/step-000005/policy/model.safetensors")
+    final_b = load_file(broken_dir / "run/checkpoints/step-000005/policy/model.safetensors")
+    for name in final_a:
+        torch.testing.assert_close(final_a[name], final_b[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_zero3_publishes_the_gathered_model(tmp_path, inputs, servers):
+    sync_dir = inputs["root"] / "weights-zero3"
+    config = _config(
+        tmp_path,
+        inputs,
+        [servers["rollout"].url],
+        servers["reward"].url,
+        deepspeed={"zero_stage": 3},
+        sync={"mode": "reference", "dir": str(sync_dir)},
+        train={"steps": 2},
+    )
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "trainer",
+    ]
+    done = _train("--config", str(config), launcher=launcher, timeout=600)
+    assert done.returncode == 0, done.stderr
+    # Each rank holds half of the weights: the engine checkpoint has one shard per rank.
+    engine = tmp_path / "run/checkpoints/step-000002/engine"
+    assert len(list(engine.glob("*zero_pp_rank_*optim_states.pt"))) == 2
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(engine.parent), tag="engine")
+    last = max(sync_dir.glob("v*"))
+    published = load_file(last / "model.safetensors")
+    assert published.keys() <= consolidated.keys()
+    for name, tensor in published.items():
+        torch.testing.assert_close(tensor, consolidated[name])
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_run_is_skipped(tmp_path, inputs, servers):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    args = ["--model", str(inputs["model"])]
+    with running_server("rollout-server", args, logs) as doomed:
+        config = _config(
+            tmp_path, inputs, [servers["rollout"].url, doomed.url], servers["reward"].url, train={"steps": 5}
+        )
+        env = {**os.environ, "MASTER_PORT": str(free_port())}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "train", "--config", str(config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for_step(tmp_path / "run", 2, process)
+        doomed.process.send_signal(signal.SIGKILL)
+        _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "set aside" in stderr
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    # Every step still trained on all its prompts, and the survivor holds the final policy.
+    assert all(m["rows"] == 16 for m in metrics)
+    assert _version(servers["rollout"]) == metrics[-1]["policy_version"]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(doomed.url + "/health", timeout=2)

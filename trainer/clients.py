@@ -1,0 +1,274 @@
+"""HTTP clients of the rollout replicas and the reward server, speaking the schemas in ``shared.schemas``.
+
+Requests retry with exponential backoff (tenacity). A replica that still fails is set aside for the
+rest of the step and tried again at the next one; only when no replica is left does a step fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from pydantic import SecretStr
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from shared.schemas import (
+    PromptRollout,
+    RolloutPrompt,
+    RolloutRequest,
+    RolloutResponse,
+    ScoreItem,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResult,
+    WeightsStatus,
+    WeightsUpdate,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaError(ConnectionError):
+    """No rollout replica (or the reward server) could serve a request."""
+
+
+def _retryable(error: BaseException) -> bool:
+    # A 4xx is our request's fault and will not get better by asking again.
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code >= 500 or error.response.status_code == 429
+    return isinstance(error, httpx.TransportError)
+
+
+def _retrying(attempts: int) -> Retrying:
+    return Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        retry=retry_if_exception(_retryable),
+        reraise=True,
+    )
+
+
+def _headers(api_key: SecretStr | None) -> dict[str, str]:
+    # Bodies are pydantic's JSON, sent as bytes; the by-value weights route overrides the type.
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
+    return headers
+
+
+def explain(error: BaseException) -> str:
+    """One line for a failed request: the server's own error message where it sent one."""
+    if isinstance(error, httpx.HTTPStatusError):
+        try:
+            detail = error.response.json()["error"]
+            return f"{error.response.status_code} {detail.get('field') or ''} {detail['message']}".strip()
+        except (ValueError, KeyError, TypeError):
+            return f"{error.response.status_code} {error.response.text[:200]}"
+    return f"{type(error).__name__}: {error}"
+
+
+def discover_replicas(url: str) -> list[str]:
+    """Every address the URL's host resolves to, as base URLs (a headless Service lists each pod)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ReplicaError(f"cannot resolve {parts.hostname}: {error}") from error
+    addresses = sorted({info[4][0] for info in infos})
+    return [
+        urlunsplit((parts.scheme, f"[{a}]:{port}" if ":" in a else f"{a}:{port}", parts.path, "", ""))
+        for a in addresses
+    ]
+
+
+class RolloutReplicas:
+    """All rollout replicas: rollouts spread over the live ones, weights pushed to every one."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        discover: str | None,
+        api_key: SecretStr | None,
+        timeout_s: float,
+        attempts: int,
+    ) -> None:
+        self.static_urls = list(urls)
+        self.discover = discover
+        self.attempts = attempts
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10), headers=_headers(api_key))
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rollout")
+        self.urls: list[str] = []
+        self.dead: dict[str, str] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the replica list and give every replica another chance."""
+        self.urls = discover_replicas(self.discover) if self.discover else list(self.static_urls)
+        self.dead = {}
+
+    def live(self) -> list[str]:
+        return [url for url in self.urls if url not in self.dead]
+
+    def _post(self, url: str, path: str, **kwargs) -> httpx.Response:
+        for attempt in _retrying(self.attempts):
+            with attempt:
+                response = self.client.post(url + path, **kwargs)
+                response.raise_for_status()
+        return response
+
+    def _get(self, url: str, path: str) -> httpx.Response:
+        for attempt in _retrying(self.attempts):
+            with attempt:
+                response = self.client.get(url + path)
+                response.raise_for_status()
+        return response
+
+    def _set_aside(self, url: str, error: BaseException) -> None:
+        self.dead[url] = explain(error)
+        log.warning("rollout replica %s set aside until the next step: %s", url, self.dead[url])
+
+    def wait_until_ready(self, timeout_s: float) -> None:
+        """Block until at least one replica answers ``/ready``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for url in self.live():
+                try:
+                    if self.client.get(url + "/ready", timeout=5).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+            if time.monotonic() > deadline:
+                raise ReplicaError(f"no rollout replica of {self.urls} became ready in {timeout_s:.0f} s")
+            time.sleep(0.5)
+            if self.discover:
+                self.refresh()
+
+    def rollouts(
+        self,
+        prompts: Sequence[RolloutPrompt],
+        make_request: Callable[[list[RolloutPrompt]], RolloutRequest],
+        on_chunk: Callable[[list[PromptRollout]], None] = lambda chunk: None,
+    ) -> list[PromptRollout]:
+        """Rollouts of every prompt, in order, the prompts split evenly over the live replicas.
+
+        ``on_chunk`` gets each replica's answer as it arrives (to score it while others still generate).
+        A chunk whose replica fails goes to the next live replica.
+        """
+        pending = {i: list(prompts[i :: max(1, len(self.live()))]) for i in range(max(1, len(self.live())))}
+        results: dict[str, PromptRollout] = {}
+        while pending:
+            live = self.live()
+            if not live:
+                reasons = "; ".join(f"{url}: {why}" for url, why in self.dead.items())
+                raise ReplicaError(f"every rollout replica failed: {reasons}")
+            futures: dict[Future, tuple[int, str]] = {}
+            for slot, chunk in pending.items():
+                url = live[slot % len(live)]
+                request = make_request(chunk)
+                futures[self.pool.submit(self._rollout_chunk, url, request)] = (slot, url)
+            failed: dict[int, list[RolloutPrompt]] = {}
+            for future, (slot, url) in futures.items():
+                try:
+                    answered = future.result()
+                except (httpx.HTTPError, ValueError) as error:
+                    if isinstance(error, httpx.HTTPStatusError) and not _retryable(error):
+                        raise ReplicaError(f"{url} refused the rollout request: {explain(error)}") from error
+                    self._set_aside(url, error)
+                    failed[slot] = pending[slot]
+                    continue
+                on_chunk(answered)
+                results.update((r.prompt_id, r) for r in answered)
+            pending = failed
+        return [results[p.prompt_id] for p in prompts]
+
+    def _rollout_chunk(self, url: str, request: RolloutRequest) -> list[PromptRollout]:
+        response = self._post(url, "/v1/rollouts", content=request.model_dump_json(exclude_none=True))
+        return RolloutResponse.model_validate_json(response.content).prompts
+
+    def versions(self) -> dict[str, int]:
+        """Each live replica's policy version; a replica that does not answer is set aside."""
+        found = {}
+        for url in self.live():
+            try:
+                found[url] = WeightsStatus.model_validate_json(self._get(url, "/v1/weights").content).version
+            except (httpx.HTTPError, ValueError) as error:
+                self._set_aside(url, error)
+        return found
+
+    def publish(
+        self, version: int, *, path: str | None, tensors: bytes | None, only: list[str] | None = None
+    ) -> list[str]:
+        """Load the weights on every live replica, or ``only`` those (by reference: ``path``; by value:
+        ``tensors``), and return the replicas that report ``version``. A replica that fails is set aside."""
+
+        def push(url: str) -> str:
+            if path is not None:
+                body = WeightsUpdate(path=path, version=version).model_dump_json()
+                response = self._post(url, "/v1/weights", content=body)
+            else:
+                response = self._post(
+                    url,
+                    "/v1/weights/tensors",
+                    params={"version": version},
+                    content=tensors,
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+            reported = WeightsStatus.model_validate_json(response.content).version
+            if reported != version:
+                raise ValueError(f"{url} reports version {reported} after loading {version}")
+            return url
+
+        synced = []
+        targets = [url for url in self.live() if only is None or url in only]
+        for url, future in [(url, self.pool.submit(push, url)) for url in targets]:
+            try:
+                synced.append(future.result())
+            except (httpx.HTTPError, ValueError) as error:
+                self._set_aside(url, error)
+        if not synced:
+            reasons = "; ".join(f"{url}: {why}" for url, why in self.dead.items())
+            raise ReplicaError(f"no rollout replica loaded version {version}: {reasons}")
+        return synced
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+class RewardClient:
+    """``POST /v1/score`` with retries."""
+
+    def __init__(self, url: str, api_key: SecretStr | None, timeout_s: float, attempts: int) -> None:
+        self.url = url.rstrip("/")
+        self.attempts = attempts
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10), headers=_headers(api_key))
+
+    def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
+        if not items:
+            return []
+        body = ScoreRequest(items=items).model_dump_json(exclude_none=True)
+        for attempt in _retrying(self.attempts):
+            with attempt:
+                response = self.client.post(self.url + "/v1/score", content=body)
+                response.raise_for_status()
+        return ScoreResponse.model_validate_json(response.content).results
+
+    def wait_until_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.client.get(self.url + "/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise ReplicaError(f"the reward server at {self.url} did not become ready in {timeout_s:.0f} s")
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,297 @@
+"""The training configuration: one validated schema, read from YAML with ``key=value`` overrides.
+
+Every field has a default, a type and a one-line description (``cppo train --help-config`` prints them
+all). A bad key or value stops the run with a message naming it, before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from shared.schemas import MAX_SAMPLES_PER_PROMPT, MAX_TOKENS, ImageView
+from trainer.objective import ObjectiveConfig
+
+# The paper's instruction (CPPO, following PAPO and Vision-R1): reason in <think>, answer in \boxed{}.
+PAPER_INSTRUCTION = (
+    " You FIRST think about the reasoning process as an internal monologue and then provide the final "
+    "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST "
+    "BE put in \\boxed{}."
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(default="runs/demo/model", description="Policy to start from: a HF folder or hub id.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="Training precision; auto is bf16 on GPU and fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+
+
+class DataConfig(Section):
+    path: str = Field(
+        default="runs/demo/data",
+        description="A folder of {split}.parquet or .jsonl files (EasyR1 layout), or a hub dataset name.",
+    )
+    train_split: str = Field(default="train", description="Split to train on.")
+    test_split: str = Field(default="test", description="Split to evaluate on.")
+    instruction: str = Field(
+        default=PAPER_INSTRUCTION, description="Appended to every problem; the paper's by default."
+    )
+    tasks: list[str] | None = Field(
+        default=None, description="Keep only rows whose `task` column is one of these; null keeps all."
+    )
+    shuffle: bool = Field(default=True, description="Shuffle the training split each epoch (seeded).")
+
+
+class RolloutConfig(Section):
+    urls: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000"], description="Base URLs of the rollout replicas."
+    )
+    discover: str | None = Field(
+        default=None,
+        description="One base URL whose host resolves to every replica (a headless Service); replaces urls.",
+    )
+    api_key: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("CPPO_ROLLOUT_API_KEY"),
+        description="Bearer key of the rollout servers; defaults to $CPPO_ROLLOUT_API_KEY.",
+    )
+    n: int = Field(
+        default=8, ge=2, le=MAX_SAMPLES_PER_PROMPT, description="Responses per prompt (group size G)."
+    )
+    temperature: float = Field(default=1.0, gt=0, le=2, description="Sampling temperature T.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(default=1024, ge=1, le=MAX_TOKENS, description="Most tokens per response.")
+    positive_transforms: list[str] | None = Field(
+        default=None, description="I⁺ transforms to draw from; null is the paper's set."
+    )
+    negative_transforms: list[str] | None = Field(
+        default=None, description="I⁻ transforms to draw from; null is the paper's set."
+    )
+    timeout_s: float = Field(default=600.0, gt=0, description="Seconds one rollout request may take.")
+    attempts: int = Field(
+        default=4, ge=1, le=20, description="Tries per request before a replica is skipped."
+    )
+    ready_timeout_s: float = Field(default=600.0, gt=0, description="Seconds to wait for a live replica.")
+
+
+class RewardConfig(Section):
+    url: str = Field(default="http://127.0.0.1:5000", description="Base URL of the reward server.")
+    api_key: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("CPPO_REWARD_API_KEY"),
+        description="Bearer key of the reward server; defaults to $CPPO_REWARD_API_KEY.",
+    )
+    reward: str | dict[str, float] = Field(
+        default_factory=lambda: {"math": 0.9, "format": 0.1},
+        description="Reward function name, or weights per name; the paper's 0.9·math + 0.1·format.",
+    )
+    accuracy: str = Field(default="math", description="The reward component logged as accuracy.")
+    timeout_s: float = Field(default=120.0, gt=0, description="Seconds one scoring request may take.")
+    attempts: int = Field(default=4, ge=1, le=20, description="Tries per scoring request.")
+
+
+class TrainLoopConfig(Section):
+    steps: int = Field(default=500, ge=1, description="Training steps (one rollout batch each).")
+    prompts_per_step: int = Field(default=16, ge=1, description="Prompts per step, over all ranks.")
+    mini_batches: int = Field(default=1, ge=1, description="Optimizer steps per training step.")
+    micro_batch_size: int = Field(default=64, ge=1, description="Sequences per forward/backward pass.")
+    drop_uniform_groups: bool = Field(
+        default=False, description="Drop groups whose rewards are all equal (they carry no advantage)."
+    )
+    max_staleness: int = Field(
+        default=0, ge=0, le=8, description="Policy versions a sample may lag behind; 0 is on-policy."
+    )
+    tis_cap: float | None = Field(
+        default=None,
+        gt=0,
+        description="Truncated importance-sampling cap on trainer/rollout ratios; null is off.",
+    )
+    lr: float = Field(default=1e-6, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int = Field(
+        default=0, ge=0, description="Linear learning-rate warm-up, in optimizer steps."
+    )
+    grad_clip: float = Field(default=1.0, gt=0, description="Gradient norm clip.")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="ZeRO stage.")
+    offload: bool = Field(
+        default=False, description="Offload optimizer states (and ZeRO-3 parameters) to CPU."
+    )
+
+
+class SyncConfig(Section):
+    mode: Literal["reference", "value"] = Field(
+        default="value",
+        description="reference: a safetensors folder on shared storage; value: the weights in the request.",
+    )
+    dir: str | None = Field(
+        default=None,
+        description="Shared folder for mode=reference, as the replicas see it; default run_dir/weights.",
+    )
+    keep: int = Field(default=2, ge=1, description="Published versions kept in dir.")
+    timeout_s: float = Field(default=600.0, gt=0, description="Seconds a replica may take to load weights.")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(default=50, ge=0, description="Steps between checkpoints; 0 only at the end.")
+    keep: int = Field(default=2, ge=1, description="Checkpoints kept.")
+
+
+class EvalConfig(Section):
+    every: int = Field(default=25, ge=0, description="Steps between evaluations; 0 is never.")
+    prompts: int = Field(default=100, ge=1, description="Test prompts per evaluation.")
+    samples: int = Field(
+        default=4, ge=1, le=MAX_SAMPLES_PER_PROMPT, description="k of avg@k (sampled accuracy)."
+    )
+    removed_view: ImageView = Field(
+        default="negative", description="The view whose greedy accuracy the perception gap subtracts."
+    )
+
+
+class LogConfig(Section):
+    tensorboard: bool = Field(default=True, description="Write TensorBoard events to run_dir/tensorboard.")
+    wandb_project: str | None = Field(default=None, description="Log to this wandb project too; null is off.")
+    progress: bool = Field(default=True, description="Show a progress bar.")
+
+
+class TrainConfig(Section):
+    run_dir: Path = Field(default=Path("runs/demo"), description="Checkpoints, metrics and plots go here.")
+    seed: int = Field(default=0, ge=0, description="Seeds data order, sampling and perturbations.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The dataset.")
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig, description="Rollout replicas and sampling."
+    )
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="The reward server.")
+    objective: ObjectiveConfig = Field(
+        default_factory=ObjectiveConfig, description="Algorithm and coefficients."
+    )
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig, description="Batch sizes and optimizer.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed engine.")
+    sync: SyncConfig = Field(default_factory=SyncConfig, description="Weight publication.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Periodic evaluation.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_not_empty(cls, run_dir: Path) -> Path:
+        if str(run_dir) in ("", "."):
+            raise ValueError("run_dir must name a folder of its own")
+        return run_dir
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.train.mini_batches > self.train.prompts_per_step:
+            raise ValueError("train.mini_batches cannot exceed train.prompts_per_step")
+        if self.eval.removed_view == "clean":
+            raise ValueError("eval.removed_view must be a perturbed view: positive or negative")
+        return self
+
+    def sync_dir(self) -> Path:
+        return Path(self.sync.dir) if self.sync.dir else self.run_dir / "weights"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the command line."""
+
+
+def _env_secret(name: str) -> SecretStr | None:
+    value = os.environ.get(name)
+    return SecretStr(value) if value else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``a.b=value`` sets ``raw["a"]["b"]``; the value is read as YAML (numbers, lists, null)."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like key=value (e.g. train.lr=1e-5)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{key}: the value {text!r} is not valid YAML: {error}") from error
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+            node = child
+        node[leaf] = value
+    return raw
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """The validated configuration: defaults, then the YAML file, then the overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as error:
+            raise ConfigError(f"cannot read the config {path}: {error.strerror}") from error
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, not a {type(loaded).__name__}")
+        raw = loaded or {}
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe_errors(error, path)) from error
+
+
+def describe_errors(error: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid training config{where}:"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = "unknown key" if problem["type"] == "extra_forbidden" else problem["msg"]
+        given = "" if problem["type"] in ("extra_forbidden", "missing") else f" (got {problem['input']!r})"
+        lines.append(f"  {key}: {message}{given}")
+    return "\n".join(lines)
+
+
+def describe_fields(
+    model: type[BaseModel] = TrainConfig, prefix: str = ""
+) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every field, nested sections flattened to dotted keys."""
+    rows = []
+    defaults = model()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        value = getattr(defaults, name)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_fields(annotation, f"{prefix}{name}."))
+            continue
+        shown = (
+            "(secret)"
+            if isinstance(value, SecretStr)
+            else repr(value.__str__() if isinstance(value, Path) else value)
+        )
+        rows.append((f"{prefix}{name}", _type_name(annotation), shown, field.description or ""))
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

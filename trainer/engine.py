@@ -1,0 +1,280 @@
+"""The policy under DeepSpeed: teacher-forced passes, the update, and the full weights for publishing.
+
+One process or many (``deepspeed``, ``torchrun`` or ``accelerate launch`` set the usual ``RANK`` /
+``WORLD_SIZE`` variables); ZeRO stage 0-3 with optional CPU offload; bf16 on GPU, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from shared.launch import free_port
+from shared.vlm import load_model
+from trainer.config import TrainConfig
+from trainer.experience import Batch
+from trainer.objective import ObjectiveInputs, logprobs_and_entropy, masked_mean, policy_objective
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group; a plain ``python`` run is a group of one."""
+    for name, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def deepspeed_config(config: TrainConfig, gradient_accumulation_steps: int) -> dict:
+    """The DeepSpeed JSON config our settings imply."""
+    train = config.train
+    zero: dict = {"stage": config.deepspeed.zero_stage}
+    if config.deepspeed.offload and config.deepspeed.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if config.deepspeed.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(config)},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": list(train.betas),
+                "weight_decay": train.weight_decay,
+                # DeepSpeed's fused CPU Adam must be compiled first (~50 s); torch's is as good here.
+                "torch_adam": True,
+            },
+        },
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _with_warmup(ds_config: dict, config: TrainConfig) -> dict:
+    if config.train.warmup_steps:
+        ds_config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0,
+                "warmup_max_lr": config.train.lr,
+                "warmup_num_steps": config.train.warmup_steps,
+                "warmup_type": "linear",
+            },
+        }
+    return ds_config
+
+
+def use_bf16(config: TrainConfig) -> bool:
+    if config.model.dtype == "auto":
+        return torch.cuda.is_available()
+    return config.model.dtype == "bfloat16"
+
+
+class Policy:
+    """The trained model inside a DeepSpeed engine, plus the frozen reference when β > 0."""
+
+    def __init__(
+        self, config: TrainConfig, micro_batches_per_mini_batch: int, suppressed_ids: list[int]
+    ) -> None:
+        self.config = config
+        self.suppressed_ids = suppressed_ids
+        self.temperature = config.rollout.temperature
+        model = load_model(config.model.path, dtype=torch.float32)
+        if config.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=_with_warmup(deepspeed_config(config, micro_batches_per_mini_batch), config),
+        )
+        self._grad_norm = math.nan
+        self.reference = None
+        if config.objective.beta > 0:
+            self.reference = load_model(config.model.path, dtype=self.dtype).to(self.engine.device).eval()
+            self.reference.requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if use_bf16(self.config) else torch.float32
+
+    def logprobs(self, model, batch: Batch, view: str) -> tuple[Tensor, Tensor]:
+        """ℓ_t and H_t of the response tokens under ``view``'s images, teacher-forced: ``[B, R]`` each."""
+        logits = teacher_forced_logits(model, batch.inputs[view], batch.owner, batch.response_ids, self.dtype)
+        ids = batch.response_ids.to(logits.device)
+        return logprobs_and_entropy(logits, ids, self.temperature, self.suppressed_ids)
+
+    @torch.no_grad()
+    def score_old(self, batch: Batch, views: tuple[str, ...]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Log-probs and entropies under the current weights, without gradient (old and reference)."""
+        self.engine.eval()
+        return {view: self.logprobs(self.engine, batch, view) for view in views}
+
+    def micro_step(
+        self, batch: Batch, logp_old: Tensor | None, weight: float, tis_cap: float | None
+    ) -> dict[str, float]:
+        """Forward the views the objective needs, backward ``weight × loss``, and let DeepSpeed step at the
+        mini-batch boundary. ``logp_old`` None means this is the only pass over the batch, so the old
+        policy is the current one and its log-probs are this pass's, detached."""
+        self.engine.train()
+        algorithm = self.config.objective.algorithm
+        mask = batch.response_mask.to(self.engine.device)
+        logp, entropy = self.logprobs(self.engine, batch, "clean")
+        old = logp.detach() if logp_old is None else logp_old.to(logp.device)
+        advantages = batch.advantages.to(logp.device)[:, None].expand_as(logp)
+        rollout = batch.rollout_logprobs.to(logp.device)
+        if tis_cap is not None:
+            # Truncated importance sampling: the samples came from the rollout engine's numerics.
+            advantages = advantages * torch.exp(old - rollout).clamp(max=tis_cap)
+        inputs = ObjectiveInputs(
+            logp=logp, logp_old=old, advantages=advantages, response_mask=mask, entropy=entropy
+        )
+        if algorithm == "cppo":
+            inputs.logp_positive, _ = self.logprobs(self.engine, batch, "positive")
+            inputs.logp_negative, inputs.entropy_negative = self.logprobs(self.engine, batch, "negative")
+        elif algorithm == "papo":
+            inputs.logp_masked, _ = self.logprobs(self.engine, batch, "masked")
+        if self.reference is not None:
+            with torch.no_grad():
+                inputs.logp_ref, _ = self.logprobs(self.reference, batch, "clean")
+        loss, metrics = policy_objective(inputs, self.config.objective)
+        self.engine.backward(loss * weight, scale_wrt_gas=False)
+        if self.engine.is_gradient_accumulation_boundary() and self.config.deepspeed.zero_stage == 0:
+            # Without ZeRO, DeepSpeed clips but does not keep the norm; read it before the step.
+            self._grad_norm = float(
+                torch.linalg.vector_norm(
+                    torch.stack(
+                        [p.grad.norm() for p in self.engine.module.parameters() if p.grad is not None]
+                    )
+                )
+            )
+        self.engine.step()
+        metrics["entropy"] = masked_mean(entropy.detach(), mask)
+        metrics["rollout_logprob_gap"] = masked_mean((old - rollout).abs(), mask)
+        return {name: float(value) for name, value in metrics.items()}
+
+    def grad_norm(self) -> float:
+        """The last optimizer step's gradient norm, before clipping."""
+        norm = (
+            self._grad_norm if self.config.deepspeed.zero_stage == 0 else self.engine.get_global_grad_norm()
+        )
+        return float(norm) if norm is not None and math.isfinite(float(norm)) else float("nan")
+
+    @contextmanager
+    def full_weights(self) -> Iterator[dict[str, Tensor] | None]:
+        """The full state dict on rank 0 (gathered from the shards under ZeRO-3), None elsewhere.
+
+        Every rank must enter it: under ZeRO-3 the gather is collective."""
+        module = self.engine.module
+        if self.config.deepspeed.zero_stage == 3:
+            params = list(module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield _cpu_state(module) if rank() == 0 else None
+        else:
+            yield _cpu_state(module) if rank() == 0 else None
+
+    def save_pretrained(self, folder: Path, state: dict[str, Tensor]) -> None:
+        """A Hugging Face folder (config + safetensors) of ``state``, as the rollout server loads it."""
+        self.engine.module.save_pretrained(
+            folder, state_dict=state, safe_serialization=True, max_shard_size="100GB"
+        )
+
+
+def teacher_forced_logits(
+    model: torch.nn.Module,
+    prompts: dict[str, Tensor],
+    owner: Tensor,
+    response_ids: Tensor,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The logits that predict each response token, ``[B, R, V]``: one pass over the distinct prompts
+    (with a KV cache), then one over all responses continuing their prompt's cache.
+
+    The same numbers as a pass over each full sequence, as generation computes them, at a fraction of the
+    cost when a prompt has many responses (a group of G shares one prompt pass).
+    """
+    device = next(iter(getattr(model, "module", model).parameters())).device
+    prompts = {k: v.to(device) for k, v in prompts.items()}
+    if "pixel_values" in prompts:
+        prompts["pixel_values"] = prompts["pixel_values"].to(dtype)
+    owner, response_ids = owner.to(device), response_ids.to(device)
+    core = getattr(model, "module", model).model
+    mask = prompts["attention_mask"]
+    positions, _ = core.get_rope_index(
+        prompts["input_ids"], prompts["mm_token_type_ids"], prompts.get("image_grid_thw"), attention_mask=mask
+    )
+    prefill = model(**prompts, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = prefill.logits[owner, -1:]
+    width = response_ids.shape[1]
+    if width == 1:
+        return first.float()
+    cache = getattr(prefill, "cache", None) or prefill.past_key_values
+    cache.reorder_cache(owner)
+    # Text after the prompt advances all three M-RoPE axes together, from the prompt's largest position.
+    following = positions.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2))[owner] + 1
+    steps = following[:, None] + torch.arange(width - 1, device=device)
+    with warnings.catch_warnings():
+        # transformers 5.24 renames the argument `cache`; the old name is the one every pinned version takes.
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        rest = model(
+            input_ids=response_ids[:, :-1],
+            attention_mask=torch.cat([mask[owner], torch.ones_like(response_ids[:, :-1])], dim=1),
+            position_ids=steps[None].expand(3, -1, -1),
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return torch.cat([first, rest.logits], dim=1).float()
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    """A CPU copy of the module's tensors; tied ones (lm_head = embeddings) once, as save_pretrained
+    stores them, so the copy has exactly the served checkpoint's names."""
+    state, seen = {}, set()
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().to("cpu", copy=True)
+    return state
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the ranks (the same keys on every rank)."""
+    if world_size() == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return {k: float(v) / world_size() for k, v in zip(keys, tensor.tolist(), strict=True)}

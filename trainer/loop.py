@@ -1,0 +1,261 @@
+"""The training loop: sample → score → advantages → loss → step → push weights → log.
+
+Every rank runs this loop on its own share of each step's prompts; DeepSpeed averages the gradients,
+and rank 0 publishes the weights, evaluates, logs and writes the checkpoints' shared files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from statistics import fmean, pstdev
+
+import datasets
+import torch
+import transformers
+from rich.console import Console
+
+from shared.vlm import load_processor, suppressed_token_ids
+from trainer import checkpoint
+from trainer.checkpoint import TrainerState
+from trainer.clients import RewardClient, RolloutReplicas
+from trainer.config import TrainConfig
+from trainer.data import PromptStream, evaluation_examples, load_split
+from trainer.engine import Policy, init_distributed, mean_over_ranks, rank, world_size
+from trainer.evaluate import evaluate
+from trainer.experience import Row, collate, make_rows
+from trainer.logs import RunLog, plot_curves, read_metrics, summary_table
+from trainer.objective import grpo_advantages
+from trainer.rollouts import Sampler, ScoredBatch, step_seed
+from trainer.sync import Publisher
+
+log = logging.getLogger(__name__)
+
+# The images each algorithm's teacher-forced passes need.
+VIEWS = {"grpo": ("clean",), "papo": ("clean", "masked"), "cppo": ("clean", "positive", "negative")}
+
+
+class StopTraining(ChildProcessError):
+    """Raised by a stack's health check when a service the run needs has gone."""
+
+
+def train(
+    config: TrainConfig, resume: str | None = None, health_check: Callable[[], None] = lambda: None
+) -> Path:
+    """Train as ``config`` says; returns the run folder. ``health_check`` raises to stop the run."""
+    init_distributed()
+    quiet_libraries()
+    torch.manual_seed(config.seed)
+    console = Console(stderr=True)
+    processor = load_processor(config.model.path)
+    views = VIEWS[config.objective.algorithm]
+    stream = PromptStream(
+        load_split(config.data.path, config.data.train_split, config.data.tasks),
+        Path(config.data.path),
+        config.data.instruction,
+        config.seed,
+        config.data.shuffle,
+    )
+    tests = evaluation_examples(
+        load_split(config.data.path, config.data.test_split, config.data.tasks),
+        Path(config.data.path),
+        config.data.instruction,
+        config.eval.prompts,
+    )
+    replicas, rewards = connect(config)
+    policy = Policy(config, micro_batches_per_mini_batch(config), suppressed_token_ids(processor.tokenizer))
+    state = TrainerState(step=0, policy_version=0, data=stream.state())
+    if resume is not None:
+        state = checkpoint.load(policy, checkpoint.resolve(config.run_dir, resume))
+        stream.restore(state.data)
+    publisher = Publisher(policy, replicas, config)
+    # Replicas may hold newer weights than ours (a resumed run): publish ours under a newer version.
+    version = publisher.publish(max([state.policy_version, *replicas.versions().values()]) + 1)
+    run_log = RunLog(config, state.step, console) if rank() == 0 else None
+    sampler = Sampler(
+        config, replicas, rewards, lambda: stream.take(config.train.prompts_per_step), share_of, views
+    )
+    try:
+        if state.step == 0 and config.eval.every:
+            record(
+                run_log,
+                {
+                    "step": 0,
+                    "policy_version": version,
+                    **evaluate_on_rank0(config, replicas, rewards, tests, 0),
+                },
+            )
+        for step in range(state.step + 1, config.train.steps + 1):
+            health_check()
+            publisher.catch_up()
+            batch = sampler.next(step, version)  # sample + score
+            rows, groups_dropped, spare = rows_with_advantages(processor, batch, views, config)  # advantages
+            started = time.perf_counter()
+            metrics = update(policy, rows, spare, config, processor.tokenizer.pad_token_id)  # loss + step
+            metrics["seconds_train"] = time.perf_counter() - started
+            started = time.perf_counter()
+            version = publisher.publish(version + 1)  # push weights
+            metrics["seconds_sync"] = time.perf_counter() - started
+            metrics |= batch_metrics(batch, rows, groups_dropped, version, config)
+            metrics = {"step": step, "policy_version": version, **mean_over_ranks(metrics)}
+            metrics["prompt_ids"] = batch.prompt_ids
+            if config.eval.every and (step % config.eval.every == 0 or step == config.train.steps):
+                metrics |= evaluate_on_rank0(config, replicas, rewards, tests, step)
+            record(run_log, metrics)  # log
+            if (
+                config.checkpoint.every and step % config.checkpoint.every == 0
+            ) or step == config.train.steps:
+                state = TrainerState(step=step, policy_version=version, data=stream.state())
+                checkpoint.save(policy, processor, config.run_dir, state, config.checkpoint.keep)
+    finally:
+        sampler.close()
+        replicas.close()
+        rewards.close()
+        if run_log is not None:
+            run_log.close()
+    if rank() == 0:
+        finish(config, console)
+    return config.run_dir
+
+
+# --- helpers, in the order the loop calls them ---------------------------------------------------
+
+
+def quiet_libraries() -> None:
+    """The run's own progress bar is the one to watch; the libraries' per-call bars only scroll it away."""
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def connect(config: TrainConfig) -> tuple[RolloutReplicas, RewardClient]:
+    rollout, reward = config.rollout, config.reward
+    replicas = RolloutReplicas(
+        rollout.urls, rollout.discover, rollout.api_key, rollout.timeout_s, rollout.attempts
+    )
+    rewards = RewardClient(reward.url, reward.api_key, reward.timeout_s, reward.attempts)
+    replicas.wait_until_ready(rollout.ready_timeout_s)
+    rewards.wait_until_ready(rollout.ready_timeout_s)
+    return replicas, rewards
+
+
+def micro_batches_per_mini_batch(config: TrainConfig) -> int:
+    """Fixed per run, so that every rank runs the same number of passes (ZeRO-3's gathers are collective)."""
+    rows = config.train.prompts_per_step * config.rollout.n
+    per_rank_mini_batch = math.ceil(rows / world_size() / config.train.mini_batches)
+    return max(1, math.ceil(per_rank_mini_batch / config.train.micro_batch_size))
+
+
+def share_of(examples: list) -> list:
+    """This rank's prompts of the step: every rank reads the same stream and keeps its stripe."""
+    return examples[rank() :: world_size()]
+
+
+def evaluate_on_rank0(config, replicas, rewards, tests, step: int) -> dict[str, float]:
+    if rank() != 0:
+        return {}
+    return evaluate(config, replicas, rewards, tests, step_seed(config.seed, step, salt=1))
+
+
+def record(run_log: RunLog | None, metrics: dict) -> None:
+    if run_log is not None:
+        run_log.write(metrics)
+
+
+def rows_with_advantages(
+    processor, batch: ScoredBatch, views: tuple[str, ...], config: TrainConfig
+) -> tuple[list[Row], int, Row]:
+    """Training rows with Â = grpo_advantages per prompt (groups of equal rewards dropped if asked), the
+    number dropped, and a row to run zero-weight passes on if this rank has none left."""
+    seed = step_seed(config.seed, batch.step, 2)
+    rows = make_rows(processor, batch.examples, batch.rollouts, batch.rewards, views, seed)
+    kept, dropped = [], 0
+    for prompt_id in dict.fromkeys(row.prompt_id for row in rows):
+        group = [row for row in rows if row.prompt_id == prompt_id]
+        rewards = torch.tensor([[row.reward for row in group]])
+        if config.train.drop_uniform_groups and bool((rewards == rewards[0, 0]).all()):
+            dropped += 1
+            continue
+        for row, advantage in zip(group, grpo_advantages(rewards)[0].tolist(), strict=True):
+            row.advantage = advantage
+        kept.extend(group)
+    return kept, dropped, rows[0]
+
+
+def update(policy: Policy, rows: list[Row], spare: Row, config: TrainConfig, pad_id: int) -> dict[str, float]:
+    """``mini_batches`` optimizer steps, each over a fixed number of micro-batches (padded with
+    zero-weight passes where this rank has too few rows)."""
+    micro_count = micro_batches_per_mini_batch(config)
+    views = VIEWS[config.objective.algorithm]
+    mini_batches = [rows[i :: config.train.mini_batches] for i in range(config.train.mini_batches)]
+    old: dict[int, torch.Tensor] = {}
+    if config.train.mini_batches > 1:
+        # Several optimizer steps: the old policy is the one before the first, scored once up front.
+        for mini in mini_batches:
+            for micro in _split(mini, micro_count):
+                if micro:
+                    logp, _ = policy.score_old(collate(micro, views, pad_id), ("clean",))["clean"]
+                    for i, row in enumerate(micro):
+                        old[id(row)] = logp[i, : len(row.response_ids)].cpu()
+    totals: dict[str, float] = {}
+    for mini in mini_batches:
+        for micro in _split(mini, micro_count):
+            weight = len(micro) / max(1, len(mini))
+            placeholder = micro or [spare]
+            batch = collate(placeholder, views, pad_id)
+            logp_old = _stack_old(old, micro, batch.response_ids.shape[1]) if old and micro else None
+            metrics = policy.micro_step(batch, logp_old, weight, config.train.tis_cap)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + weight * value / len(mini_batches)
+    totals["grad_norm"] = policy.grad_norm()
+    return totals
+
+
+def _split(rows: list[Row], parts: int) -> list[list[Row]]:
+    return [rows[i::parts] for i in range(parts)]
+
+
+def _stack_old(old: dict[int, torch.Tensor], rows: list[Row], width: int) -> torch.Tensor:
+    stacked = torch.zeros((len(rows), width))
+    for i, row in enumerate(rows):
+        stacked[i, : len(old[id(row)])] = old[id(row)]
+    return stacked
+
+
+def batch_metrics(
+    batch: ScoredBatch, rows: list[Row], groups_dropped: int, version: int, config: TrainConfig
+) -> dict[str, float]:
+    rewards = [reward for reward, _ in batch.rewards.values()]
+    components = [parts for _, parts in batch.rewards.values()]
+    tokens = sum(len(s.token_ids) for r in batch.rollouts for s in r.samples)
+    seconds = batch.seconds
+    # The version each sample was made by, relative to the version being trained on.
+    staleness = [version - 1 - s.policy_version for r in batch.rollouts for s in r.samples]
+    return {
+        "reward_mean": fmean(rewards),
+        "reward_std": pstdev(rewards),
+        "accuracy_mean": fmean(c.get(config.reward.accuracy, 0.0) for c in components),
+        "format_mean": fmean(c.get("format", math.nan) for c in components),
+        "response_length_mean": tokens / max(1, len(staleness)),
+        "staleness_mean": fmean(staleness),
+        "groups_dropped": float(groups_dropped),
+        "rows": float(len(rows)),
+        "regenerated_prompts": seconds["regenerated_prompts"],
+        "seconds_rollout": seconds["rollout"],
+        "seconds_reward": seconds["reward"],
+        "seconds_wait": seconds["wait"],
+        "tokens_per_s": tokens / max(seconds["rollout"], 1e-9),
+    }
+
+
+def finish(config: TrainConfig, console: Console) -> None:
+    """The summary table, the plot, and where to find them."""
+    metrics = read_metrics(config.run_dir / "metrics.jsonl")
+    if not metrics:
+        return
+    plot = plot_curves(metrics, config.run_dir / "learning_curves.png")
+    console.print(summary_table(metrics))
+    console.print(f"metrics: {config.run_dir / 'metrics.jsonl'}")
+    console.print(f"plot:    {plot}")

@@ -1,0 +1,189 @@
+"""Sampling and scoring a step's prompts over HTTP, ahead of time when staleness allows it.
+
+With ``max_staleness: k`` the rollouts of the next ``k`` steps are requested while this step trains.
+Samples whose policy version lags more than ``k`` behind the trainer's are regenerated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.schemas import (
+    PromptRollout,
+    RolloutPrompt,
+    RolloutRequest,
+    SamplingParams,
+    ScoreItem,
+    ViewRequest,
+    ViewsRequest,
+)
+from trainer.clients import RewardClient, RolloutReplicas
+from trainer.config import TrainConfig
+from trainer.data import Example
+
+# Rewards by (prompt id, sample index): (weighted reward, components).
+Rewards = dict[tuple[str, int], tuple[float, dict[str, float]]]
+
+
+@dataclass
+class ScoredBatch:
+    """One step's prompts, their rollouts and the rewards of their clean-image samples."""
+
+    step: int
+    prompt_ids: list[str]
+    examples: list[Example]
+    rollouts: list[PromptRollout]
+    rewards: Rewards
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A seed for one step's sampling and views: the same on a resumed run, different every step."""
+    return int(np.random.SeedSequence([seed, step, salt]).generate_state(1)[0])
+
+
+def rollout_request(
+    config: TrainConfig, prompts: list[RolloutPrompt], seed: int, views: tuple[str, ...]
+) -> RolloutRequest:
+    rollout = config.rollout
+    return RolloutRequest(
+        prompts=prompts,
+        n=rollout.n,
+        sampling=SamplingParams(
+            temperature=rollout.temperature, top_p=rollout.top_p, max_tokens=rollout.max_tokens, seed=seed
+        ),
+        views=ViewsRequest(
+            positive=ViewRequest(transforms=rollout.positive_transforms, seed=seed)
+            if "positive" in views
+            else None,
+            negative=ViewRequest(transforms=rollout.negative_transforms, seed=seed)
+            if "negative" in views
+            else None,
+        ),
+    )
+
+
+def score_items(
+    config: TrainConfig, examples: dict[str, Example], rollouts: list[PromptRollout]
+) -> list[ScoreItem]:
+    return [
+        ScoreItem(
+            id=f"{r.prompt_id}/{s.sample_index}",
+            response=s.text,
+            ground_truth=examples[r.prompt_id].answer,
+            reward=config.reward.reward,
+        )
+        for r in rollouts
+        for s in r.samples
+        if s.image_view == "clean"
+    ]
+
+
+def sample_and_score(
+    config: TrainConfig,
+    replicas: RolloutReplicas,
+    rewards: RewardClient,
+    examples: list[Example],
+    seed: int,
+    views: tuple[str, ...],
+) -> tuple[list[PromptRollout], Rewards, dict[str, float]]:
+    """Rollouts of the examples, each replica's answer scored while the others still generate."""
+    by_id = {e.id: e for e in examples}
+    scoring = ThreadPoolExecutor(max_workers=4, thread_name_prefix="score")
+    scored: list[Future] = []
+    start = time.perf_counter()
+    rollouts = replicas.rollouts(
+        [e.rollout_prompt() for e in examples],
+        lambda chunk: rollout_request(config, chunk, seed, views),
+        on_chunk=lambda chunk: scored.append(
+            scoring.submit(rewards.score, score_items(config, by_id, chunk))
+        ),
+    )
+    generated = time.perf_counter()
+    results: Rewards = {}
+    for future in scored:
+        for result in future.result():
+            prompt_id, _, index = result.id.rpartition("/")
+            results[(prompt_id, int(index))] = (result.reward, result.components)
+    scoring.shutdown()
+    seconds = {"rollout": generated - start, "reward": time.perf_counter() - generated}
+    return rollouts, results, seconds
+
+
+class Sampler:
+    """Produces scored batches in step order, keeping up to ``max_staleness`` steps in flight."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        replicas: RolloutReplicas,
+        rewards: RewardClient,
+        take: Callable[[], list[Example]],
+        share: Callable[[list[Example]], list[Example]],
+        views: tuple[str, ...],
+    ) -> None:
+        self.config = config
+        self.replicas = replicas
+        self.rewards = rewards
+        self.take = take
+        self.share = share
+        self.views = views
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
+        self.in_flight: deque[tuple[int, Future, list[Example], list[str]]] = deque()
+
+    def _submit(self, step: int) -> None:
+        everyone = self.take()
+        examples = self.share(everyone)
+        seed = step_seed(self.config.seed, step)
+        future = self.worker.submit(
+            sample_and_score, self.config, self.replicas, self.rewards, examples, seed, self.views
+        )
+        self.in_flight.append((step, future, examples, [e.id for e in everyone]))
+
+    def next(self, step: int, version: int) -> ScoredBatch:
+        """The batch of ``step``, every sample at most ``max_staleness`` versions behind ``version``."""
+        last = step + self.config.train.max_staleness
+        while not self.in_flight or self.in_flight[-1][0] < min(last, self.config.train.steps):
+            self._submit(self.in_flight[-1][0] + 1 if self.in_flight else step)
+        _, future, examples, prompt_ids = self.in_flight.popleft()
+        start = time.perf_counter()
+        rollouts, rewards, seconds = future.result()
+        rollouts, rewards, regenerated = self._refresh_stale(examples, rollouts, rewards, step, version)
+        seconds["wait"] = time.perf_counter() - start
+        batch = ScoredBatch(step, prompt_ids, examples, rollouts, rewards, seconds)
+        batch.seconds["regenerated_prompts"] = regenerated
+        return batch
+
+    def _refresh_stale(
+        self,
+        examples: list[Example],
+        rollouts: list[PromptRollout],
+        rewards: Rewards,
+        step: int,
+        version: int,
+    ) -> tuple[list[PromptRollout], Rewards, int]:
+        oldest = version - self.config.train.max_staleness
+        stale = [i for i, r in enumerate(rollouts) if any(s.policy_version < oldest for s in r.samples)]
+        if not stale:
+            return rollouts, rewards, 0
+        again, scores, _ = sample_and_score(
+            self.config,
+            self.replicas,
+            self.rewards,
+            [examples[i] for i in stale],
+            step_seed(self.config.seed, step, salt=version),
+            self.views,
+        )
+        for i, fresh in zip(stale, again, strict=True):
+            rollouts[i] = fresh
+        rewards.update(scores)
+        return rollouts, rewards, len(stale)
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=False, cancel_futures=True)
