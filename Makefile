@@ -9,7 +9,7 @@ TORCH_PIN := torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-main test-fast lint format docs clean
+.PHONY: setup demo test test-main test-fast lint format docs clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH_INDEX) $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The whole system on this machine: the tiny model learns the colour task with CPPO (runs/demo).
+demo: setup
+	$(VENV)/bin/cppo stack up --config configs/demo.yaml
 
 # Both tiers: the main virtualenv (transformers backend and everything else), then vLLM's CPU build.
 test: test-main test-vllm
@@ -37,10 +41,11 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The API reference in docs/api, generated from the services' OpenAPI schemas.
+# The API reference in docs/api, generated from the services' OpenAPI schemas, and the training config keys.
 docs: setup
 	$(VENV)/bin/cppo openapi rollout-server > docs/api/rollout-server.openapi.json
 	$(VENV)/bin/cppo openapi reward-server > docs/api/reward-server.openapi.json
+	$(PY) -c "from trainer.config import reference_markdown; print(reference_markdown(), end='')" > docs/training-config.md
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import (
@@ -294,4 +294,23 @@ def describe_fields(
 
 
 def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    if get_origin(annotation) is not None:
+        return str(annotation).replace("typing.", "").replace("pathlib.", "")
+    return getattr(annotation, "__name__", None) or str(annotation)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/training-config.md), generated from the schema itself."""
+    lines = [
+        "# Training configuration",
+        "",
+        "Generated from `trainer/config.py` by `make docs`; do not edit by hand. Every key can be set in",
+        "the YAML file (nested sections) or on the command line as `section.key=value` (read as YAML).",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+    ]
+    for key, kind, default, description in describe_fields():
+        cells = [f"`{key}`", f"`{kind}`".replace("|", "\\|"), f"`{default}`".replace("|", "\\|"), description]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
