@@ -1,0 +1,38 @@
+# syntax=docker/dockerfile:1
+# Rollout server, transformers backend, CPU only. Build from the repository root:
+#   docker build -f deploy/docker/rollout-cpu.Dockerfile -t cppo/rollout-cpu:0.1.0 .
+# Configuration only through CPPO_ROLLOUT_* variables and flags (`cppo rollout-server --help`); the model is
+# never baked in: mount it and set CPPO_ROLLOUT_MODEL (or pass --model).
+ARG PYTHON_IMAGE=python:3.12.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# The CPU build of torch first, as `make setup` does, so that `pip install .` pulls no CUDA build.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY shared shared
+COPY trainer trainer
+COPY rollout_server rollout_server
+COPY reward_server reward_server
+RUN pip install .
+
+FROM ${PYTHON_IMAGE} AS runtime
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin cppo \
+    && mkdir -p /data && chown cppo:cppo /data
+COPY --from=build /opt/venv /opt/venv
+COPY deploy/docker/healthcheck.py /usr/local/bin/cppo-healthcheck
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/home/cppo/.cache/huggingface \
+    CPPO_ROLLOUT_HOST=0.0.0.0
+USER 10001:10001
+WORKDIR /home/cppo
+EXPOSE 8000
+# /ready answers 200 once the model has loaded; a CPU model loads in seconds to minutes.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python", "/usr/local/bin/cppo-healthcheck", "rollout", "/ready"]
+CMD ["cppo", "rollout-server"]
