@@ -182,3 +182,25 @@ def test_discovery_lists_every_address_of_a_name():
 
     assert discover_replicas("http://127.0.0.1:8123") == ["http://127.0.0.1:8123"]
     assert "http://127.0.0.1:8000" in discover_replicas("http://localhost:8000")
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    from trainer.config import load_config
+
+    load_config(path)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "papo"])
+def test_the_baselines_differ_from_cppo_only_in_the_algorithm(algorithm):
+    from trainer.config import load_config
+
+    cppo = load_config(CONFIGS / "qwen2_5_vl_3b_virl39k.yaml").model_dump()
+    other = load_config(CONFIGS / f"qwen2_5_vl_3b_virl39k_{algorithm}.yaml").model_dump()
+    assert other["objective"].pop("algorithm") == algorithm and cppo["objective"].pop("algorithm") == "cppo"
+    assert {k: v for k, v in other.items() if k != "run_dir"} == {
+        k: v for k, v in cppo.items() if k != "run_dir"
+    }
