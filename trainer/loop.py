@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 VIEWS = {"grpo": ("clean",), "papo": ("clean", "masked"), "cppo": ("clean", "positive", "negative")}
 
 
+# The objective's metric names, as metrics.jsonl calls them.
+LOGGED_AS = {"policy_loss": "pg_loss", "entropy_shift": "entropy_shift_mean", "entropy": "entropy_mean"}
+ALWAYS_LOGGED = ("pg_loss", "kl_loss", "cpl_loss", "perception_token_fraction", "entropy_shift_mean")
+
+
 class StopTraining(ChildProcessError):
     """Raised by a stack's health check when a service the run needs has gone."""
 
@@ -210,7 +215,9 @@ def update(policy: Policy, rows: list[Row], spare: Row, config: TrainConfig, pad
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + weight * value / len(mini_batches)
     totals["grad_norm"] = policy.grad_norm()
-    return totals
+    logged = {LOGGED_AS.get(name, name): value for name, value in totals.items()}
+    # Every run logs the same columns; a term its algorithm does not have is null.
+    return {name: logged.get(name, math.nan) for name in ALWAYS_LOGGED} | logged
 
 
 def _split(rows: list[Row], parts: int) -> list[list[Row]]:

@@ -23,6 +23,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CHECKPOINT",
         help="continue from a checkpoint folder, or the run's latest without a value",
     )
+    # The `deepspeed` launcher passes --local_rank; the LOCAL_RANK variable it also sets is what is read.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--help-config", action="store_true", help="list every config key with its type, default and meaning"
     )
