@@ -102,7 +102,8 @@ def make_example(rng: np.random.Generator, index: int, split: str, size: int) ->
     task = TASKS[index % len(TASKS)]
     colour = str(rng.choice(list(COLOURS)))
     kind = str(rng.choice(SHAPES))
-    radius = max(4, size // 6)
+    # Large shapes: the colour covers a good part of the image, a strong signal for a tiny vision tower.
+    radius = max(4, size // 3)
     if task == "count":
         count = int(rng.integers(1, len(NUMBER_WORDS) + 1))
         small = max(3, size // 10)

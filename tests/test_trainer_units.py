@@ -113,7 +113,7 @@ def test_group_advantages_and_dropped_groups(monkeypatch):
 
     rows = _rows_for({"p": [1.0, 0.0, 0.0, 0.0], "q": [1.0, 1.0, 1.0, 1.0]})
     monkeypatch.setattr(loop, "make_rows", lambda *args: rows)
-    batch = ScoredBatch(step=1, prompt_ids=["p", "q"], examples=[], rollouts=[], rewards={})
+    batch = ScoredBatch(step=1, prompt_ids=["p", "q"], data_position={}, examples=[], rollouts=[], rewards={})
     kept, dropped, spare = loop.rows_with_advantages(None, batch, ("clean",), load_config(None))
     assert dropped == 0 and len(kept) == 8 and spare is rows[0]
     assert [round(r.advantage, 4) for r in kept[:4]] == [1.5, -0.5, -0.5, -0.5]

@@ -188,7 +188,8 @@ class RolloutReplicas:
         return [results[p.prompt_id] for p in prompts]
 
     def _rollout_chunk(self, url: str, request: RolloutRequest) -> list[PromptRollout]:
-        response = self._post(url, "/v1/rollouts", content=request.model_dump_json(exclude_none=True))
+        # Nulls are meaningful here (views.positive: null makes no I⁺), so they are sent.
+        response = self._post(url, "/v1/rollouts", content=request.model_dump_json())
         return RolloutResponse.model_validate_json(response.content).prompts
 
     def versions(self) -> dict[str, int]:

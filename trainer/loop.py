@@ -80,19 +80,11 @@ def train(
     # Replicas may hold newer weights than ours (a resumed run): publish ours under a newer version.
     version = publisher.publish(max([state.policy_version, *replicas.versions().values()]) + 1)
     run_log = RunLog(config, state.step, console) if rank() == 0 else None
-    sampler = Sampler(
-        config, replicas, rewards, lambda: stream.take(config.train.prompts_per_step), share_of, views
-    )
+    sampler = Sampler(config, replicas, rewards, stream, share_of, views)
+    evaluation = Evaluator(config, replicas, rewards, tests)
     try:
         if state.step == 0 and config.eval.every:
-            record(
-                run_log,
-                {
-                    "step": 0,
-                    "policy_version": version,
-                    **evaluate_on_rank0(config, replicas, rewards, tests, 0),
-                },
-            )
+            record(run_log, {"step": 0, "policy_version": version, **evaluation(0)})
         for step in range(state.step + 1, config.train.steps + 1):
             health_check()
             publisher.catch_up()
@@ -108,12 +100,12 @@ def train(
             metrics = {"step": step, "policy_version": version, **mean_over_ranks(metrics)}
             metrics["prompt_ids"] = batch.prompt_ids
             if config.eval.every and (step % config.eval.every == 0 or step == config.train.steps):
-                metrics |= evaluate_on_rank0(config, replicas, rewards, tests, step)
+                metrics |= evaluation(step)
             record(run_log, metrics)  # log
-            if (
+            if step == config.train.steps or (
                 config.checkpoint.every and step % config.checkpoint.every == 0
-            ) or step == config.train.steps:
-                state = TrainerState(step=step, policy_version=version, data=stream.state())
+            ):
+                state = TrainerState(step=step, policy_version=version, data=batch.data_position)
                 checkpoint.save(policy, processor, config.run_dir, state, config.checkpoint.keep)
     finally:
         sampler.close()
@@ -158,10 +150,19 @@ def share_of(examples: list) -> list:
     return examples[rank() :: world_size()]
 
 
-def evaluate_on_rank0(config, replicas, rewards, tests, step: int) -> dict[str, float]:
-    if rank() != 0:
-        return {}
-    return evaluate(config, replicas, rewards, tests, step_seed(config.seed, step, salt=1))
+class Evaluator:
+    """Evaluation on the test split, by rank 0 only (the others get no metrics to log)."""
+
+    def __init__(
+        self, config: TrainConfig, replicas: RolloutReplicas, rewards: RewardClient, tests: list
+    ) -> None:
+        self.config, self.replicas, self.rewards, self.tests = config, replicas, rewards, tests
+
+    def __call__(self, step: int) -> dict[str, float]:
+        if rank() != 0:
+            return {}
+        seed = step_seed(self.config.seed, step, salt=1)
+        return evaluate(self.config, self.replicas, self.rewards, self.tests, seed)
 
 
 def record(run_log: RunLog | None, metrics: dict) -> None:

@@ -25,7 +25,7 @@ from shared.schemas import (
 )
 from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
-from trainer.data import Example
+from trainer.data import Example, PromptStream
 
 # Rewards by (prompt id, sample index): (weighted reward, components).
 Rewards = dict[tuple[str, int], tuple[float, dict[str, float]]]
@@ -37,6 +37,7 @@ class ScoredBatch:
 
     step: int
     prompt_ids: list[str]
+    data_position: dict[str, int]
     examples: list[Example]
     rollouts: list[PromptRollout]
     rewards: Rewards
@@ -124,39 +125,42 @@ class Sampler:
         config: TrainConfig,
         replicas: RolloutReplicas,
         rewards: RewardClient,
-        take: Callable[[], list[Example]],
+        stream: PromptStream,
         share: Callable[[list[Example]], list[Example]],
         views: tuple[str, ...],
     ) -> None:
         self.config = config
         self.replicas = replicas
         self.rewards = rewards
-        self.take = take
+        self.stream = stream
         self.share = share
         self.views = views
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
-        self.in_flight: deque[tuple[int, Future, list[Example], list[str]]] = deque()
+        self.in_flight: deque[tuple[int, Future, list[Example], list[str], dict[str, int]]] = deque()
 
     def _submit(self, step: int) -> None:
-        everyone = self.take()
+        everyone = self.stream.take(self.config.train.prompts_per_step)
+        # Where the stream stands after this step's prompts: what its checkpoint records, even when
+        # later steps' prompts are already in flight.
+        position = self.stream.state()
         examples = self.share(everyone)
         seed = step_seed(self.config.seed, step)
         future = self.worker.submit(
             sample_and_score, self.config, self.replicas, self.rewards, examples, seed, self.views
         )
-        self.in_flight.append((step, future, examples, [e.id for e in everyone]))
+        self.in_flight.append((step, future, examples, [e.id for e in everyone], position))
 
     def next(self, step: int, version: int) -> ScoredBatch:
         """The batch of ``step``, every sample at most ``max_staleness`` versions behind ``version``."""
         last = step + self.config.train.max_staleness
         while not self.in_flight or self.in_flight[-1][0] < min(last, self.config.train.steps):
             self._submit(self.in_flight[-1][0] + 1 if self.in_flight else step)
-        _, future, examples, prompt_ids = self.in_flight.popleft()
+        _, future, examples, prompt_ids, position = self.in_flight.popleft()
         start = time.perf_counter()
         rollouts, rewards, seconds = future.result()
         rollouts, rewards, regenerated = self._refresh_stale(examples, rollouts, rewards, step, version)
         seconds["wait"] = time.perf_counter() - start
-        batch = ScoredBatch(step, prompt_ids, examples, rollouts, rewards, seconds)
+        batch = ScoredBatch(step, prompt_ids, position, examples, rollouts, rewards, seconds)
         batch.seconds["regenerated_prompts"] = regenerated
         return batch
 

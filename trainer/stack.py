@@ -29,8 +29,8 @@ def prepare_inputs(config: TrainConfig, console: Console) -> None:
     if _local_and_missing(config.model.path, config.run_dir):
         from shared.tiny_model import build_tiny_model
 
-        console.print(f"building the tiny model in {config.model.path}")
-        build_tiny_model(config.model.path)
+        console.print(f"building the tiny model in {config.model.path} (seed {config.seed})")
+        build_tiny_model(config.model.path, seed=config.seed)
     if _local_and_missing(config.data.path, config.run_dir):
         from shared.synth_data import SynthSettings, write_dataset
 
