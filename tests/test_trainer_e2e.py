@@ -283,3 +283,40 @@ def test_a_replica_killed_mid_run_is_skipped(tmp_path, inputs, servers):
     assert _version(servers["rollout"]) == metrics[-1]["policy_version"]
     with pytest.raises(httpx.TransportError):
         httpx.get(doomed.url + "/health", timeout=2)
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid``: pid → command line."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found[int(stat.parent.name)] = cmdline
+    return found
+
+
+@pytest.mark.slow
+def test_stack_up_stops_everything_when_a_child_dies(tmp_path, inputs):
+    config = _config(tmp_path, inputs, [], "", train={"steps": 500}, checkpoint={"every": 0})
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "stack", "up", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(tmp_path / "run", 1, stack)
+    children = _children(stack.pid)
+    rollout = next(pid for pid, command in children.items() if "rollout-server" in command)
+    os.kill(rollout, signal.SIGKILL)
+    _, stderr = stack.communicate(timeout=300)
+    assert stack.returncode == 2, stderr
+    assert "Traceback" not in stderr and ("rollout server exited" in stderr or "rollout replica" in stderr)
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert not list((tmp_path / "run").glob("checkpoints/.partial-*"))
