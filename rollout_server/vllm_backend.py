@@ -191,7 +191,10 @@ class VLLMBackend:
         prompt: dict[str, Any] = {"prompt": request.prompt}
         if request.images:
             prompt["multi_modal_data"] = {"image": list(request.images)}
-        params = self._sampling_params(request.sampling, request.n)
+        # vLLM refuses n > 1 under greedy sampling. Greedy samples are all the same one, so draw it once and
+        # hand out n copies, as the transformers backend's n identical greedy runs would.
+        greedy = request.sampling.temperature == 0
+        params = self._sampling_params(request.sampling, 1 if greedy else request.n)
         request_id = f"cppo-{self._run_id}-{next(self._request_ids)}"
 
         final: RequestOutput | None = None
@@ -208,10 +211,10 @@ class VLLMBackend:
             raise ValueError(str(error)) from error
         if final is None or not final.finished:
             raise RuntimeError(f"vLLM returned no final output for request {request_id}")
-        samples = [
-            _sample(completion, request.sampling.top_logprobs)
-            for completion in sorted(final.outputs, key=lambda c: c.index)
-        ]
+        completions = sorted(final.outputs, key=lambda c: c.index)
+        if greedy:
+            completions = completions * request.n
+        samples = [_sample(completion, request.sampling.top_logprobs) for completion in completions]
         if len(samples) != request.n:
             raise RuntimeError(f"vLLM returned {len(samples)} samples for n={request.n}")
         return Generation(prompt_token_ids=list(final.prompt_token_ids or ()), samples=samples)

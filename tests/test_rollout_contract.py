@@ -563,14 +563,23 @@ def _runs_full_length(server, request: dict) -> bool:
     return [s.finish_reason for s in full.prompts[0].samples] == ["length", "length"]
 
 
+def test_greedy_sampling_with_n_above_one_returns_n_equal_samples(server):
+    request = {**_long_request("hi"), "sampling": {"max_tokens": 12, "temperature": 0}}
+    with server.client() as client:
+        response = client.post("/v1/rollouts", json=request)
+    assert response.status_code == 200, response.text
+    first, second = RolloutResponse.model_validate(response.json()).prompts[0].samples
+    assert first.token_ids == second.token_ids and first.text == second.text
+    assert first.logprobs == pytest.approx(second.logprobs)
+
+
 def test_a_client_that_disconnects_frees_its_slot(server):
-    long = _long_request("Tell a long story.")
-    if server.backend == "transformers":
-        # The abandoned request must not end on its own before the disconnect, or the abort below is a race.
-        # Greedy decoding of the random tiny model is deterministic: pick a prompt that runs its full budget.
-        candidates = [_long_request(text) for text in ("Tell a long story.", "hi", "Count.", "Describe it.")]
-        long = next((c for c in candidates if _runs_full_length(server, c)), None)
-        assert long is not None, "every candidate prompt ends early under greedy decoding"
+    # The abandoned request must not end on its own before the disconnect (or before the poll below sees it
+    # start), or the abort is a race. Greedy decoding of the random tiny model is deterministic: pick a
+    # prompt that runs its full budget.
+    candidates = [_long_request(text) for text in ("Tell a long story.", "hi", "Count.", "Describe it.")]
+    long = next((c for c in candidates if _runs_full_length(server, c)), None)
+    assert long is not None, "every candidate prompt ends early under greedy decoding"
     before = _metrics(server)
     # The transformers backend reports each batch as it starts; vLLM takes the request at once.
     started = (
