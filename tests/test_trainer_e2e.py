@@ -23,6 +23,8 @@ from shared.synth_data import SynthSettings, write_dataset
 from shared.tiny_model import build_tiny_model
 from shared.vlm import load_model
 
+REPO = Path(__file__).resolve().parents[1]
+
 # Small enough for seconds per step on two cores, large enough for groups with real advantages.
 BASE = {
     "seed": 3,
@@ -78,7 +80,9 @@ def _train(
 ) -> subprocess.CompletedProcess:
     command = launcher or [sys.executable, "-m", "shared.cli", "train"]
     env = {**os.environ, "MASTER_PORT": str(free_port())}
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -120,6 +124,11 @@ def test_training_steps_sync_weights_checkpoint_and_export(tmp_path, inputs, ser
     for key in ("eval_accuracy_greedy", "eval_accuracy_sampled", "eval_perception_gap"):
         assert key in metrics[0] and key in metrics[3]
     assert (run / "learning_curves.png").stat().st_size > 0
+    # The run folder records what the run resolved to.
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["rollout"]["urls"] == [servers["rollout"].url] and resolved["train"]["max_staleness"] == 1
+    ds = json.loads((run / "deepspeed.json").read_text())
+    assert (ds["zero_optimization"]["stage"], ds["train_micro_batch_size_per_gpu"]) == (0, 8)
     # keep 1: the step-2 checkpoint made way for the final one.
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["step-000003"]
@@ -217,30 +226,38 @@ def test_resume_after_sigkill_continues_as_if_never_stopped(tmp_path, inputs, se
 
 
 @pytest.mark.slow
-def test_two_process_zero3_publishes_the_gathered_model(tmp_path, inputs, servers):
+def test_two_process_zero3_under_accelerate_launch_publishes_the_gathered_model(tmp_path, inputs, servers):
+    """``accelerate launch`` with an Accelerate config file naming a DeepSpeed JSON, as HF users write them:
+    ZeRO-3 comes from the JSON (the training config says nothing about ZeRO), its "auto"s from the run."""
     sync_dir = inputs["root"] / "weights-zero3"
     config = _config(
         tmp_path,
         inputs,
         [servers["rollout"].url],
         servers["reward"].url,
-        deepspeed={"zero_stage": 3},
         sync={"mode": "reference", "dir": str(sync_dir)},
         train={"steps": 2},
     )
+    # The shipped Accelerate config, as a user runs it from the repository root (where _train runs);
+    # only the size differs.
     launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        "configs/accelerate/deepspeed_zero3.yaml",
+        "--num_processes",
         "2",
-        "--master_port",
+        "--main_process_port",
         str(free_port()),
         "-m",
         "trainer",
     ]
     done = _train("--config", str(config), launcher=launcher, timeout=600)
     assert done.returncode == 0, done.stderr
+    ds = json.loads((tmp_path / "run/deepspeed.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3
+    gas = ds["gradient_accumulation_steps"]
+    assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (8, 8 * gas * 2)
     # Each rank holds half of the weights: the engine checkpoint has one shard per rank.
     engine = tmp_path / "run/checkpoints/step-000002/engine"
     assert len(list(engine.glob("*zero_pp_rank_*optim_states.pt"))) == 2

@@ -136,6 +136,20 @@ class DeepSpeedConfig(Section):
     offload: bool = Field(
         default=False, description="Offload optimizer states (and ZeRO-3 parameters) to CPU."
     )
+    config_file: str | None = Field(
+        default=None,
+        description=(
+            'A DeepSpeed JSON config, read the Hugging Face Accelerate way ("auto" takes this config\'s '
+            "value); default: the one accelerate launch names, if any."
+        ),
+    )
+
+    @field_validator("config_file")
+    @classmethod
+    def _is_a_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{path} is not a file")
+        return path
 
 
 class SyncConfig(Section):

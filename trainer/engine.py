@@ -1,7 +1,8 @@
 """The policy under DeepSpeed: teacher-forced passes, the update, and the full weights for publishing.
 
 One process or many (``deepspeed``, ``torchrun`` or ``accelerate launch`` set the usual ``RANK`` /
-``WORLD_SIZE`` variables); ZeRO stage 0-3 with optional CPU offload; bf16 on GPU, fp32 on CPU.
+``WORLD_SIZE`` variables); ZeRO stage 0-3 with optional CPU offload; bf16 on GPU, fp32 on CPU. The
+DeepSpeed config itself comes from ``trainer.ds_config``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from shared.launch import free_port
 from shared.vlm import load_model
 from trainer.config import TrainConfig
+from trainer.ds_config import deepspeed_config, use_bf16
 from trainer.experience import Batch
 from trainer.objective import ObjectiveInputs, logprobs_and_entropy, masked_mean, policy_objective
 
@@ -48,55 +50,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def deepspeed_config(config: TrainConfig, gradient_accumulation_steps: int) -> dict:
-    """The DeepSpeed JSON config our settings imply."""
-    train = config.train
-    zero: dict = {"stage": config.deepspeed.zero_stage}
-    if config.deepspeed.offload and config.deepspeed.zero_stage > 0:
-        zero["offload_optimizer"] = {"device": "cpu"}
-        if config.deepspeed.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps,
-        "gradient_clipping": train.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": use_bf16(config)},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": train.lr,
-                "betas": list(train.betas),
-                "weight_decay": train.weight_decay,
-                # DeepSpeed's fused CPU Adam must be compiled first (~50 s); torch's is as good here.
-                "torch_adam": True,
-            },
-        },
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _with_warmup(ds_config: dict, config: TrainConfig) -> dict:
-    if config.train.warmup_steps:
-        ds_config["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0,
-                "warmup_max_lr": config.train.lr,
-                "warmup_num_steps": config.train.warmup_steps,
-                "warmup_type": "linear",
-            },
-        }
-    return ds_config
-
-
-def use_bf16(config: TrainConfig) -> bool:
-    if config.model.dtype == "auto":
-        return torch.cuda.is_available()
-    return config.model.dtype == "bfloat16"
-
-
 class Policy:
     """The trained model inside a DeepSpeed engine, plus the frozen reference when β > 0."""
 
@@ -109,10 +62,11 @@ class Policy:
         model = load_model(config.model.path, dtype=torch.float32)
         if config.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        self.deepspeed_config = deepspeed_config(config, micro_batches_per_mini_batch, world_size())
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=_with_warmup(deepspeed_config(config, micro_batches_per_mini_batch), config),
+            config=self.deepspeed_config,
         )
         self._grad_norm = math.nan
         self.reference = None
@@ -165,7 +119,7 @@ class Policy:
                 inputs.logp_ref, _ = self.logprobs(self.reference, batch, "clean")
         loss, metrics = policy_objective(inputs, self.config.objective)
         self.engine.backward(loss * weight, scale_wrt_gas=False)
-        if self.engine.is_gradient_accumulation_boundary() and self.config.deepspeed.zero_stage == 0:
+        if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
             # Without ZeRO, DeepSpeed clips but does not keep the norm; read it before the step.
             self._grad_norm = float(
                 torch.linalg.vector_norm(
@@ -182,7 +136,9 @@ class Policy:
     def grad_norm(self) -> float:
         """The last optimizer step's gradient norm, before clipping."""
         norm = (
-            self._grad_norm if self.config.deepspeed.zero_stage == 0 else self.engine.get_global_grad_norm()
+            self._grad_norm
+            if self.engine.zero_optimization_stage() == 0
+            else self.engine.get_global_grad_norm()
         )
         return float(norm) if norm is not None and math.isfinite(float(norm)) else float("nan")
 
@@ -192,7 +148,7 @@ class Policy:
 
         Every rank must enter it: under ZeRO-3 the gather is collective."""
         module = self.engine.module
-        if self.config.deepspeed.zero_stage == 3:
+        if self.engine.zero_optimization_stage() == 3:
             params = list(module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 yield _cpu_state(module) if rank() == 0 else None

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -26,11 +27,18 @@ CURVES = (
 class RunLog:
     """Appends each step's metrics to every sink; only rank 0 makes one."""
 
-    def __init__(self, config: TrainConfig, first_step: int, console: Console | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, first_step: int, deepspeed: dict, console: Console | None = None
+    ) -> None:
         self.run_dir = config.run_dir
         self.path = config.run_dir / "metrics.jsonl"
         self.console = console or Console(stderr=True)
         config.run_dir.mkdir(parents=True, exist_ok=True)
+        # What this run resolved to, defaults, overrides and launcher included (secrets come out masked).
+        (config.run_dir / "config.yaml").write_text(
+            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        )
+        (config.run_dir / "deepspeed.json").write_text(json.dumps(deepspeed, indent=2, default=str) + "\n")
         if first_step == 0 and self.path.exists():
             self.path.unlink()
         else:

@@ -79,7 +79,7 @@ def train(
     publisher = Publisher(policy, replicas, config)
     # Replicas may hold newer weights than ours (a resumed run): publish ours under a newer version.
     version = publisher.publish(max([state.policy_version, *replicas.versions().values()]) + 1)
-    run_log = RunLog(config, state.step, console) if rank() == 0 else None
+    run_log = RunLog(config, state.step, policy.deepspeed_config, console) if rank() == 0 else None
     sampler = Sampler(config, replicas, rewards, stream, share_of, views)
     evaluation = Evaluator(config, replicas, rewards, tests)
     try:
