@@ -39,9 +39,9 @@ About four minutes on two cores.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import random
 import statistics
@@ -49,20 +49,24 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
 import httpx
-from machine import REPO, describe_machine
+from machine import CpuMeter, describe_machine
+from results import add_out_argument, key_value_section, listed, met, preamble, spread, write_results
 from rich.console import Console
+from stats import percentile, ratios
 
-from reward_server.functions import math_reward
+from reward_server.rewards import math_reward
 from shared.launch import running_service
 
 THROUGHPUT_TARGET = 1.7
 """Least server items/s over stock math-verify items/s, on 2 cores."""
 LATENCY_BATCH = 16
+PATHS = {"stock": "stock math-verify loop", "ours": "our math function loop", "server": "POST /v1/score"}
+"""The three paths, by key and by the name the report gives them."""
 
 console = Console(stderr=True)
 
@@ -161,48 +165,28 @@ def server_scores(client: httpx.Client, items: list[Item]) -> list[float]:
 # --- measuring ----------------------------------------------------------------------------------
 
 
-class CpuMeter:
-    """How much CPU the rest of the machine used during a measurement: ``/proc/stat`` (all CPUs) less
-    this process and the server's process tree (its fork server and workers)."""
+@dataclass
+class Timed:
+    """One timed pass of a path, and the CPU other processes used meanwhile (cores)."""
 
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.tick = os.sysconf("SC_CLK_TCK")
-
-    def _tree(self) -> set[int]:
-        found, todo = set(), list(self.pids)
-        while todo:
-            pid = todo.pop()
-            if pid in found:
-                continue
-            found.add(pid)
-            for task in Path(f"/proc/{pid}/task").glob("*/children"):
-                todo.extend(int(child) for child in task.read_text().split())
-        return found
-
-    def snapshot(self) -> tuple[float, float, float]:
-        """(wall time, CPU seconds of the whole machine, CPU seconds of our processes)."""
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
-        busy = user + nice + system + irq + softirq + steal
-        ours = 0
-        for pid in self._tree():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            except FileNotFoundError:
-                continue
-            ours += int(stat[11]) + int(stat[12])  # utime and stime
-        return time.perf_counter(), busy / self.tick, ours / self.tick
-
-    def others(self, since: tuple[float, float, float]) -> float:
-        now = self.snapshot()
-        return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])
+    seconds: float
+    other_cores: float
 
 
 @dataclass
-class Timed:
-    seconds: float
-    other_cores: float
+class Measured:
+    """Everything one run measured."""
+
+    rounds: dict[str, list[Timed]] = field(default_factory=lambda: {name: [] for name in PATHS.values()})
+    """By path, every throughput round of every hash seed."""
+    round_seeds: list[int] = field(default_factory=list)
+    """The hash seed of each round."""
+    agreement: dict[str, int] = field(default_factory=dict)
+    """How many items' verdicts agree between the paths, from the first hash seed."""
+    latencies: list[float] = field(default_factory=list)
+    """Seconds of each small request, under the last hash seed."""
+    latency_others: float = 0.0
+    """CPU used by other processes while the latency was measured, in cores."""
 
 
 @contextmanager
@@ -213,30 +197,10 @@ def reward_server(workers: int, log: Path) -> Iterator[tuple[str, int]]:
         yield service.url, service.process.pid
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-quantile by linear interpolation between order statistics (numpy's default)."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-# --- the machine --------------------------------------------------------------------------------
-
-
-def machine(workers: int) -> dict[str, str]:
-    return {
-        **describe_machine(),
-        "math-verify": version("math-verify"),
-        "latex2sympy2_extended": version("latex2sympy2_extended"),
-        "sympy": version("sympy"),
-        "fastapi": version("fastapi"),
-        "uvicorn": version("uvicorn"),
-        "httpx": httpx.__version__,
-        "server workers": str(workers),
-        "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
-    }
+def _timed_request(client: httpx.Client, items: list[Item]) -> float:
+    start = time.perf_counter()
+    server_scores(client, items)
+    return time.perf_counter() - start
 
 
 # --- the baseline process ------------------------------------------------------------------------
@@ -277,12 +241,124 @@ def hash_seed(seed: int) -> Iterator[None]:
             os.environ["PYTHONHASHSEED"] = previous
 
 
-# --- main ---------------------------------------------------------------------------------------
-
-PATHS = {"stock": "stock math-verify loop", "ours": "our math function loop", "server": "POST /v1/score"}
+# --- the report ---------------------------------------------------------------------------------
 
 
-def main() -> None:
+def report(
+    info: dict[str, str], options: Options, measured: Measured, wall_seconds: float
+) -> tuple[str, dict]:
+    """The results as markdown, and as a dict for the JSON file."""
+    rates = {name: [options.items / run.seconds for run in runs] for name, runs in measured.rounds.items()}
+    vs_stock = ratios(rates[PATHS["server"]], rates[PATHS["stock"]])
+    vs_ours = ratios(rates[PATHS["server"]], rates[PATHS["ours"]])
+    others = [run.other_cores for runs in measured.rounds.values() for run in runs]
+    p50, p99 = percentile(measured.latencies, 0.5), percentile(measured.latencies, 0.99)
+    machine_rows = {
+        **info,
+        "CPU used by other processes while measuring throughput": spread(others),
+        "... while measuring latency": f"{measured.latency_others:.2f} cores",
+    }
+    lines = [
+        *preamble(
+            "Reward throughput",
+            "reward_throughput.py",
+            "Every ratio is between numbers measured in the same round, under the same `PYTHONHASHSEED`;",
+            f"figures are medians of {len(measured.round_seeds)} rounds ({options.rounds} for each hash seed "
+            f"{', '.join(map(str, options.hash_seeds))}).",
+        ),
+        *key_value_section("Machine", machine_rows),
+        *key_value_section("Settings", settings(options)),
+        "## Verdicts",
+        "",
+        "| | items |",
+        "|---|---:|",
+        *(f"| {key} | {value} of {options.items} |" for key, value in measured.agreement.items()),
+        "",
+        *throughput_section(rates, vs_stock, vs_ours, measured.round_seeds),
+        *latency_section(measured.latencies, p50, p99),
+        f"Whole run: {wall_seconds:.0f} s.",
+        "",
+    ]
+    raw = {
+        "machine": info,
+        "settings": {
+            "items": options.items,
+            "rounds_per_hash_seed": options.rounds,
+            "hash_seeds": options.hash_seeds,
+            "seed": options.seed,
+            "workers": options.workers,
+        },
+        "verdicts": measured.agreement,
+        "round_hash_seeds": measured.round_seeds,
+        "items_per_second": rates,
+        "ratios": {"server_over_stock": vs_stock, "server_over_our_function": vs_ours},
+        "other_processes_cpu_cores": {
+            name: [r.other_cores for r in runs] for name, runs in measured.rounds.items()
+        },
+        "latency_seconds": {"p50": p50, "p99": p99, "all": measured.latencies},
+    }
+    return "\n".join(lines), raw
+
+
+def settings(options: Options) -> dict[str, str]:
+    return {
+        "throughput batch": f"{options.items} `math` items, one request",
+        "latency batch": f"{LATENCY_BATCH} items, {options.latency_requests} requests one at a time",
+        "workload seed": str(options.seed),
+        "server": f"`cppo reward-server --workers {options.workers}` (item timeout 10 s, the default)",
+        "baselines": "in a separate process (same `PYTHONHASHSEED`), warmed up on every item",
+    }
+
+
+def throughput_section(
+    rates: dict[str, list[float]], vs_stock: list[float], vs_ours: list[float], round_seeds: list[int]
+) -> list[str]:
+    """Section 1: items/s of every path, and the server's ratios over the two loops."""
+    ratio_stock = statistics.median(vs_stock)
+    return [
+        "## 1. Throughput (items/s)",
+        "",
+        f"| path | median | rounds (hash seeds {listed(round_seeds, 0)}) |",
+        "|---|---:|---|",
+        *(f"| {name} | {statistics.median(rate):.1f} | {listed(rate, 1)} |" for name, rate in rates.items()),
+        "",
+        "| ratio | median | rounds | target | |",
+        "|---|---:|---|---:|---|",
+        f"| server / stock math-verify loop | {ratio_stock:.2f} | {listed(vs_stock)} | "
+        f"≥ {THROUGHPUT_TARGET} | {met(ratio_stock >= THROUGHPUT_TARGET)} |",
+        f"| server / our math function loop | {statistics.median(vs_ours):.2f} | {listed(vs_ours)} | | |",
+        "",
+    ]
+
+
+def latency_section(latencies: list[float], p50: float, p99: float) -> list[str]:
+    """Section 2: the latency of a small request, one at a time."""
+    return [
+        f"## 2. Latency of a {LATENCY_BATCH}-item request",
+        "",
+        "| p50 | p99 | mean | max |",
+        "|---:|---:|---:|---:|",
+        f"| {p50 * 1000:.1f} ms | {p99 * 1000:.1f} ms | {statistics.mean(latencies) * 1000:.1f} ms | "
+        f"{max(latencies) * 1000:.1f} ms |",
+        "",
+    ]
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    items: int
+    rounds: int
+    hash_seeds: list[int]
+    latency_requests: int
+    workers: int
+    seed: int
+    out: Path
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=256, help="items per throughput batch (default 256)")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per hash seed (default 3)")
@@ -294,167 +370,84 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="server workers")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "bench" / "results" / "reward_throughput.md", help="markdown file"
-    )
-    args = parser.parse_args()
+    add_out_argument(parser, "reward_throughput")
+    args = parser.parse_args(argv)
     args.hash_seeds = [int(seed) for seed in args.hash_seeds.split(",")]
-    started = time.perf_counter()
+    return Options(**vars(args))
 
-    items = make_items(args.items, args.seed)
-    latency_items = make_items(LATENCY_BATCH * 8, args.seed + 1)
+
+def measure(options: Options, scratch: Path) -> Measured:
+    """Every hash seed in turn, each with a baseline process and a server of its own."""
+    items = make_items(options.items, options.seed)
+    latency_items = make_items(LATENCY_BATCH * 8, options.seed + 1)
     batches = [latency_items[i : i + LATENCY_BATCH] for i in range(0, len(latency_items), LATENCY_BATCH)]
-    info = machine(args.workers)
-    scratch = Path(tempfile.mkdtemp(prefix="reward-bench-"))
-    rounds: dict[str, list[Timed]] = {name: [] for name in PATHS.values()}
-    round_seeds: list[int] = []
-    agreement: dict[str, int] = {}
-    latencies: list[float] = []
-    latency_others = 0.0
+    measured = Measured()
     spawn = multiprocessing.get_context("spawn")
-    for hash_index, seed in enumerate(args.hash_seeds):
+    for hash_index, seed in enumerate(options.hash_seeds):
         console.print(f"PYTHONHASHSEED={seed}: starting the baseline process and the server, warming up")
         with (
             hash_seed(seed),
-            spawn.Pool(1, initializer=_child_start, initargs=(args.items, args.seed)) as baseline,
-            reward_server(args.workers, scratch / f"server-{seed}.log") as (url, pid),
+            spawn.Pool(1, initializer=_child_start, initargs=(options.items, options.seed)) as baseline,
+            reward_server(options.workers, scratch / f"server-{seed}.log") as (url, pid),
             httpx.Client(base_url=url, timeout=600) as client,
         ):
             meter = CpuMeter([os.getpid(), pid])
             served = server_scores(client, items)  # warm-up, and the verdicts
-            if not agreement:
-                _, expected = baseline.apply(_child_loop, ("ours",))
-                _, stock = baseline.apply(_child_loop, ("stock",))
-                agreement = {
-                    "server = our function": sum(a == b for a, b in zip(served, expected, strict=True)),
-                    "stock math-verify = our function": sum(
-                        a == b for a, b in zip(stock, expected, strict=True)
-                    ),
-                    "right answers (our function)": int(sum(expected)),
-                }
+            if not measured.agreement:
+                measured.agreement = verdicts(baseline, served)
             paths: dict[str, Callable[[], float]] = {
                 PATHS["stock"]: lambda: baseline.apply(_child_loop, ("stock",))[0],
                 PATHS["ours"]: lambda: baseline.apply(_child_loop, ("ours",))[0],
                 PATHS["server"]: lambda: _timed_request(client, items),
             }
-            for number in range(args.rounds):
+            for number in range(options.rounds):
                 order = list(paths) if number % 2 == 0 else list(reversed(paths))
                 for name in order:
                     before = meter.snapshot()
                     seconds = paths[name]()
-                    rounds[name].append(Timed(seconds, meter.others(before)))
-                    console.print(f"  round {number + 1}: {name}: {args.items / seconds:.1f} items/s")
-                round_seeds.append(seed)
-            if hash_index == len(args.hash_seeds) - 1:
-                console.print(f"latency: {args.latency_requests} requests of {LATENCY_BATCH} items")
+                    measured.rounds[name].append(Timed(seconds, meter.others(before)))
+                    console.print(f"  round {number + 1}: {name}: {options.items / seconds:.1f} items/s")
+                measured.round_seeds.append(seed)
+            if hash_index == len(options.hash_seeds) - 1:
+                console.print(f"latency: {options.latency_requests} requests of {LATENCY_BATCH} items")
                 for batch in batches:  # warm-up
                     server_scores(client, batch)
                 before = meter.snapshot()
-                for request in range(args.latency_requests):
-                    latencies.append(_timed_request(client, batches[request % len(batches)]))
-                latency_others = meter.others(before)
-
-    wall = time.perf_counter() - started
-    markdown, raw = report(info, args, rounds, round_seeds, agreement, latencies, latency_others, wall)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown)
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(markdown)
+                for request in range(options.latency_requests):
+                    measured.latencies.append(_timed_request(client, batches[request % len(batches)]))
+                measured.latency_others = meter.others(before)
+    return measured
 
 
-def _timed_request(client: httpx.Client, items: list[Item]) -> float:
-    start = time.perf_counter()
-    server_scores(client, items)
-    return time.perf_counter() - start
-
-
-def report(
-    info, args, rounds, round_seeds, agreement, latencies, latency_others, wall_seconds
-) -> tuple[str, dict]:
-    rates = {name: [args.items / run.seconds for run in runs] for name, runs in rounds.items()}
-    server, stock, ours = rates[PATHS["server"]], rates[PATHS["stock"]], rates[PATHS["ours"]]
-    vs_stock = [s / b for s, b in zip(server, stock, strict=True)]
-    vs_ours = [s / b for s, b in zip(server, ours, strict=True)]
-    others = [run.other_cores for runs in rounds.values() for run in runs]
-    ratio_stock, ratio_ours = statistics.median(vs_stock), statistics.median(vs_ours)
-    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-    met = "**met**" if ratio_stock >= THROUGHPUT_TARGET else "**not met**"
-
-    def listed(values: list[float], digits: int = 2) -> str:
-        return ", ".join(f"{value:.{digits}f}" for value in values)
-
-    lines = [
-        "# Reward throughput",
-        "",
-        "Produced by `bench/reward_throughput.py`; its docstring says what is measured and why.",
-        "Every ratio is between numbers measured in the same round, under the same `PYTHONHASHSEED`;",
-        f"figures are medians of {len(round_seeds)} rounds ({args.rounds} for each hash seed "
-        f"{', '.join(map(str, args.hash_seeds))}).",
-        "",
-        "## Machine",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {key} | {value} |" for key, value in info.items()),
-        f"| CPU used by other processes while measuring throughput | median {statistics.median(others):.2f} "
-        f"cores (from {min(others):.2f} to {max(others):.2f}) |",
-        f"| ... while measuring latency | {latency_others:.2f} cores |",
-        "",
-        "## Settings",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| throughput batch | {args.items} `math` items, one request |",
-        f"| latency batch | {LATENCY_BATCH} items, {args.latency_requests} requests one at a time |",
-        f"| workload seed | {args.seed} |",
-        f"| server | `cppo reward-server --workers {args.workers}` (item timeout 10 s, the default) |",
-        "| baselines | in a separate process (same `PYTHONHASHSEED`), warmed up on every item |",
-        "",
-        "## Verdicts",
-        "",
-        "| | items |",
-        "|---|---:|",
-        *(f"| {key} | {value} of {args.items} |" for key, value in agreement.items()),
-        "",
-        "## 1. Throughput (items/s)",
-        "",
-        f"| path | median | rounds (hash seeds {listed(round_seeds, 0)}) |",
-        "|---|---:|---|",
-        *(f"| {name} | {statistics.median(rate):.1f} | {listed(rate, 1)} |" for name, rate in rates.items()),
-        "",
-        "| ratio | median | rounds | target | |",
-        "|---|---:|---|---:|---|",
-        f"| server / stock math-verify loop | {ratio_stock:.2f} | {listed(vs_stock)} | "
-        f"≥ {THROUGHPUT_TARGET} | {met} |",
-        f"| server / our math function loop | {ratio_ours:.2f} | {listed(vs_ours)} | | |",
-        "",
-        f"## 2. Latency of a {LATENCY_BATCH}-item request",
-        "",
-        "| p50 | p99 | mean | max |",
-        "|---:|---:|---:|---:|",
-        f"| {p50 * 1000:.1f} ms | {p99 * 1000:.1f} ms | {statistics.mean(latencies) * 1000:.1f} ms | "
-        f"{max(latencies) * 1000:.1f} ms |",
-        "",
-        f"Whole run: {wall_seconds:.0f} s.",
-        "",
-    ]
-    raw = {
-        "machine": info,
-        "settings": {
-            "items": args.items,
-            "rounds_per_hash_seed": args.rounds,
-            "hash_seeds": args.hash_seeds,
-            "seed": args.seed,
-            "workers": args.workers,
-        },
-        "verdicts": agreement,
-        "round_hash_seeds": round_seeds,
-        "items_per_second": rates,
-        "ratios": {"server_over_stock": vs_stock, "server_over_our_function": vs_ours},
-        "other_processes_cpu_cores": {name: [r.other_cores for r in runs] for name, runs in rounds.items()},
-        "latency_seconds": {"p50": p50, "p99": p99, "all": latencies},
+def verdicts(baseline: multiprocessing.pool.Pool, served: list[float]) -> dict[str, int]:
+    """How many items the paths agree on, and how many answers are right."""
+    _, expected = baseline.apply(_child_loop, ("ours",))
+    _, stock = baseline.apply(_child_loop, ("stock",))
+    return {
+        "server = our function": sum(a == b for a, b in zip(served, expected, strict=True)),
+        "stock math-verify = our function": sum(a == b for a, b in zip(stock, expected, strict=True)),
+        "right answers (our function)": int(sum(expected)),
     }
-    return "\n".join(lines), raw
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parse_args(argv)
+    started = time.perf_counter()
+    info = describe_machine(
+        {
+            "math-verify": version("math-verify"),
+            "latex2sympy2_extended": version("latex2sympy2_extended"),
+            "sympy": version("sympy"),
+            "fastapi": version("fastapi"),
+            "uvicorn": version("uvicorn"),
+            "httpx": httpx.__version__,
+            "server workers": str(options.workers),
+        },
+        os.getloadavg()[0],
+    )
+    with tempfile.TemporaryDirectory(prefix="reward-bench-") as scratch:
+        measured = measure(options, Path(scratch))
+    write_results(options.out, *report(info, options, measured, time.perf_counter() - started))
 
 
 if __name__ == "__main__":

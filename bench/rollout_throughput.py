@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
@@ -46,10 +45,12 @@ from pathlib import Path
 import httpx
 import torch
 import transformers
-from machine import REPO, describe_machine
+from machine import CpuMeter, describe_machine
 from PIL import Image
+from results import add_out_argument, key_value_section, listed, met, preamble, spread, write_results
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from stats import ratios
 
 from rollout_server.backend import GenerationRequest, SamplingSpec
 from rollout_server.service import derive_seed
@@ -180,33 +181,6 @@ class Measurement:
         }
 
 
-class CpuMeter:
-    """How much CPU the rest of the machine used during a measurement.
-
-    Other sessions' jobs on a shared machine slow both paths down, and not evenly; the results say how
-    busy the machine was, from ``/proc/stat`` (all CPUs) less this process and the server.
-    """
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.tick = os.sysconf("SC_CLK_TCK")
-
-    def snapshot(self) -> tuple[float, float, float]:
-        """(wall time, CPU seconds of the whole machine, CPU seconds of our processes)."""
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
-        busy = user + nice + system + irq + softirq + steal
-        ours = 0
-        for pid in self.pids:
-            stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            ours += int(stat[11]) + int(stat[12])  # utime and stime
-        return time.perf_counter(), busy / self.tick, ours / self.tick
-
-    def others(self, since: tuple[float, float, float]) -> float:
-        now = self.snapshot()
-        return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])
-
-
 @dataclass
 class Bench:
     """Everything the measurements share."""
@@ -301,29 +275,15 @@ def rollout_server(
         yield service.url, service.process.pid
 
 
-# --- the machine --------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, str]:
-    """What the numbers were measured on."""
-    return {
-        **describe_machine(),
-        "torch threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "httpx": httpx.__version__,
-    }
-
-
 # --- the report ---------------------------------------------------------------------------------
 
 
 def round_ratios(numerator: Measurement, denominator: Measurement, attribute: str) -> list[float]:
     """``numerator / denominator`` of one attribute, round by round (both were measured in each round)."""
-    return [
-        getattr(top, attribute) / getattr(bottom, attribute)
-        for top, bottom in zip(numerator.runs, denominator.runs, strict=True)
-    ]
+    return ratios(
+        (getattr(run, attribute) for run in numerator.runs),
+        (getattr(run, attribute) for run in denominator.runs),
+    )
 
 
 def report(
@@ -334,6 +294,50 @@ def report(
     wall_seconds: float,
 ) -> tuple[str, dict]:
     """The results as markdown, and as a dict for the JSON file."""
+    overhead_lines, overhead = http_overhead_section(measurements, identical["http"])
+    batching_lines, batching = batching_section(
+        measurements, identical["concurrent"], settings["max_wait_ms"]
+    )
+    others = [run.other_cores for m in measurements.values() for run in m.runs]
+    lines = [
+        *preamble(
+            "Rollout throughput",
+            "rollout_throughput.py",
+            "Every ratio is between numbers measured in the same round; each figure is the median of",
+            f"{len(measurements['in-process'].runs)} rounds.",
+        ),
+        *key_value_section(
+            "Machine", {**machine_info, "CPU used by other processes while measuring": spread(others)}
+        ),
+        *key_value_section("Settings", settings),
+        *overhead_lines,
+        *batching_lines,
+        f"Whole run, model build and server start included: {wall_seconds:.0f} s.",
+        "",
+    ]
+    data = {
+        "machine": machine_info,
+        "settings": settings,
+        "http_overhead": overhead,
+        "batching_gain": batching,
+        "identical_samples": identical,
+        "measurements": {name: m.summary() for name, m in measurements.items()},
+        "wall_seconds": wall_seconds,
+    }
+    return "\n".join(lines), data
+
+
+def table_row(m: Measurement) -> str:
+    """Tokens, then the medians of time, tokens/s, mean batch and other processes' CPU."""
+    batches = [run.mean_batch for run in m.runs if run.mean_batch is not None]
+    return (
+        f"{m.runs[0].tokens} | {m.median('seconds'):.2f} | {m.median('tokens_per_second'):.1f} | "
+        f"{statistics.median(batches):.1f} | {m.median('other_cores'):.2f}"
+    )
+
+
+def http_overhead_section(measurements: dict[str, Measurement], identical: bool) -> tuple[list[str], dict]:
+    """Section 1, HTTP time against in-process time for the same tokens: its lines and its numbers."""
     local, sequential = measurements["in-process"], measurements["http-1"]
     overheads = round_ratios(sequential, local, "seconds")
     overhead = statistics.median(overheads)
@@ -341,52 +345,15 @@ def report(
         (remote.seconds - here.seconds) / len(here.samples) * 1000
         for remote, here in zip(sequential.runs, local.runs, strict=True)
     )
-    gains = {c: round_ratios(measurements[f"http-{c}"], sequential, "tokens_per_second") for c in CONCURRENCY}
-    gain = statistics.median(gains[max(CONCURRENCY)])
-    others = [run.other_cores for m in measurements.values() for run in m.runs]
-
-    def met(ok: bool) -> str:
-        return "**met**" if ok else "**not met**"
-
-    def row(m: Measurement) -> str:
-        batches = [run.mean_batch for run in m.runs if run.mean_batch is not None]
-        return (
-            f"{m.runs[0].tokens} | {m.median('seconds'):.2f} | {m.median('tokens_per_second'):.1f} | "
-            f"{statistics.median(batches):.1f} | {m.median('other_cores'):.2f}"
-        )
-
-    def listed(values: list[float], digits: int = 2) -> str:
-        return ", ".join(f"{v:.{digits}f}" for v in values)
-
     lines = [
-        "# Rollout throughput",
-        "",
-        "Produced by `bench/rollout_throughput.py`; its docstring says what is measured and why.",
-        "Every ratio is between numbers measured in the same round; each figure is the median of",
-        f"{len(local.runs)} rounds.",
-        "",
-        "## Machine",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {key} | {value} |" for key, value in machine_info.items()),
-        f"| CPU used by other processes while measuring | median {statistics.median(others):.2f} cores "
-        f"(from {min(others):.2f} to {max(others):.2f}) |",
-        "",
-        "## Settings",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {key} | {value} |" for key, value in settings.items()),
-        "",
         "## 1. HTTP overhead (sequential, one request at a time)",
         "",
         "The two paths alternate prompt by prompt; time is the sum of each path's request times.",
         "",
         "| path | generated tokens | time (s) | tokens/s | mean batch | other processes (cores) |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| in-process `TransformersBackend.generate` | {row(local)} |",
-        f"| HTTP `POST /v1/rollouts` | {row(sequential)} |",
+        f"| in-process `TransformersBackend.generate` | {table_row(local)} |",
+        f"| HTTP `POST /v1/rollouts` | {table_row(sequential)} |",
         "",
         "| ratio | measured | target | |",
         "|---|---:|---:|---|",
@@ -395,15 +362,34 @@ def report(
         "",
         f"Round by round: {listed(overheads, 3)}. HTTP time less in-process time, per request: "
         f"{per_request_ms:+.1f} ms (median of rounds).",
-        f"Both paths drew identical tokens for every prompt: {'yes' if identical['http'] else 'NO'}.",
+        f"Both paths drew identical tokens for every prompt: {'yes' if identical else 'NO'}.",
         "",
+    ]
+    numbers = {
+        "ratio": overhead,
+        "by_round": overheads,
+        "added_ms_per_request": per_request_ms,
+        "target_max": HTTP_OVERHEAD_TARGET,
+        "met": overhead <= HTTP_OVERHEAD_TARGET,
+    }
+    return lines, numbers
+
+
+def batching_section(
+    measurements: dict[str, Measurement], identical: bool, max_wait_ms: str
+) -> tuple[list[str], dict]:
+    """Section 2, tokens/s at each concurrency against one client: its lines and its numbers."""
+    sequential = measurements["http-1"]
+    gains = {c: round_ratios(measurements[f"http-{c}"], sequential, "tokens_per_second") for c in CONCURRENCY}
+    gain = statistics.median(gains[max(CONCURRENCY)])
+    lines = [
         "## 2. Batching gain (HTTP, concurrent clients, n = 1 per request)",
         "",
         "| clients | generated tokens | time (s) | tokens/s | mean batch | other processes (cores) "
         "| gain over 1 client |",
         "|---:|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {c} | {row(measurements[f'http-{c}'])} | {statistics.median(gains[c]):.2f}× |"
+            f"| {c} | {table_row(measurements[f'http-{c}'])} | {statistics.median(gains[c]):.2f}× |"
             for c in CONCURRENCY
         ),
         "",
@@ -415,34 +401,18 @@ def report(
         f"Round by round: {listed(gains[max(CONCURRENCY)])}. The 1-client row is the HTTP side of section 1.",
         "Mean batch: sequences per `generate` call, from the server's `cppo_rollout_batch_size` histogram.",
         "Every concurrency level drew the same tokens as the in-process run: "
-        f"{'yes' if identical['concurrent'] else 'NO'}.",
-        *_small_batches_note(measurements, settings["max_wait_ms"]),
-        "",
-        f"Whole run, model build and server start included: {wall_seconds:.0f} s.",
+        f"{'yes' if identical else 'NO'}.",
+        *_small_batches_note(measurements, max_wait_ms),
         "",
     ]
-    data = {
-        "machine": machine_info,
-        "settings": settings,
-        "http_overhead": {
-            "ratio": overhead,
-            "by_round": overheads,
-            "added_ms_per_request": per_request_ms,
-            "target_max": HTTP_OVERHEAD_TARGET,
-            "met": overhead <= HTTP_OVERHEAD_TARGET,
-        },
-        "batching_gain": {
-            "ratio": gain,
-            "clients": max(CONCURRENCY),
-            "by_round": {str(c): gains[c] for c in CONCURRENCY},
-            "target_min": BATCHING_GAIN_TARGET,
-            "met": gain >= BATCHING_GAIN_TARGET,
-        },
-        "identical_samples": identical,
-        "measurements": {name: m.summary() for name, m in measurements.items()},
-        "wall_seconds": wall_seconds,
+    numbers = {
+        "ratio": gain,
+        "clients": max(CONCURRENCY),
+        "by_round": {str(c): gains[c] for c in CONCURRENCY},
+        "target_min": BATCHING_GAIN_TARGET,
+        "met": gain >= BATCHING_GAIN_TARGET,
     }
-    return "\n".join(lines), data
+    return lines, numbers
 
 
 def _small_batches_note(measurements: dict[str, Measurement], max_wait_ms: str) -> list[str]:
@@ -487,9 +457,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--max-batch-size", type=int, default=64, help="the server's --max-batch-size")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
     parser.add_argument("--seed", type=int, default=0, help="data seed; request i samples with seed + i")
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "bench/results/rollout_throughput.md", help="markdown results file"
-    )
+    add_out_argument(parser, "rollout_throughput")
     args = parser.parse_args(argv)
     if args.prompts < max(CONCURRENCY):
         parser.error(f"--prompts must be at least {max(CONCURRENCY)}, one per client")
@@ -564,7 +532,15 @@ async def measure(
         "rounds": str(options.repeats),
         "concurrency": ", ".join(map(str, CONCURRENCY)),
     }
-    info = {**machine(), "load average (1 min) at start": f"{load:.2f}"}
+    info = describe_machine(
+        {
+            "torch threads": str(torch.get_num_threads()),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "httpx": httpx.__version__,
+        },
+        load,
+    )
     return report(info, settings, measurements, identical, time.perf_counter() - started)
 
 
@@ -580,11 +556,7 @@ def main(argv: list[str] | None = None) -> None:
                     "transformers",
                 )
         markdown, data = asyncio.run(measure(options, model, profile, Path(scratch), started))
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(markdown)
-    options.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    print(markdown)
-    console.print(f"written: {options.out} and {options.out.with_suffix('.json')}")
+    write_results(options.out, markdown, data)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,6 @@ in a temporary folder; the run takes two to four minutes on two CPU cores.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -77,7 +76,6 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,9 +84,11 @@ import httpx
 import pydantic
 import torch
 import transformers
-from machine import REPO, describe_machine
+from machine import REPO, CpuMeter, describe_machine
+from results import add_out_argument, key_value_section, listed, met, preamble, spread, write_results
 from rich.console import Console
-from rollout_throughput import CpuMeter
+from stats import median_seconds, ratios
+from transformers import ProcessorMixin
 
 from shared.images import ImageLimits, decode_image_url, encode_image_data_url
 from shared.launch import running_service
@@ -96,18 +96,14 @@ from shared.schemas import RolloutRequest, RolloutResponse, ScoreRequest, ScoreR
 from shared.synth_data import SynthSettings, write_dataset
 from shared.tiny_model import build_tiny_model
 from shared.vlm import load_processor, suppressed_token_ids
+from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import PAPER_INSTRUCTION, TrainConfig, load_config
-from trainer.data import Example, PromptStream, load_split
-from trainer.engine import Policy, init_distributed
+from trainer.data import Example, training_prompts
+from trainer.distributed import init_distributed
 from trainer.experience import Row
-from trainer.loop import (
-    VIEWS,
-    connect,
-    micro_batches_per_mini_batch,
-    quiet_libraries,
-    rows_with_advantages,
-    update,
-)
+from trainer.loop import connect, micro_batches_per_mini_batch, quiet_libraries, rows_with_advantages, update
+from trainer.objective import ALGORITHMS as OBJECTIVES
+from trainer.policy import Policy
 from trainer.rollouts import ScoredBatch, rollout_request, sample_and_score, score_items, step_seed
 from trainer.sync import Publisher
 
@@ -159,14 +155,12 @@ def configs(shape: str, options: Options, model: Path, data: Path, run_dir: Path
 
 def take_prompts(config: TrainConfig) -> list[Example]:
     """The step's prompts, as the loop takes them: the same ones every time (a fresh seeded stream)."""
-    stream = PromptStream(
-        load_split(config.data.path, config.data.train_split, config.data.tasks),
-        Path(config.data.path),
-        config.data.instruction,
-        config.seed,
-        config.data.shuffle,
-    )
-    return stream.take(config.train.prompts_per_step)
+    return training_prompts(config.data, config.seed).take(config.train.prompts_per_step)
+
+
+def passes(algorithm: str) -> tuple[str, ...]:
+    """The images ``algorithm``'s teacher-forced passes run on, and so the views its rollouts ask for."""
+    return OBJECTIVES[algorithm].passes
 
 
 # --- what the servers and the clients say about their time --------------------------------------
@@ -218,22 +212,6 @@ def handler_seconds(client: httpx.Client, url: str, metric: str) -> dict[str, fl
     return sums
 
 
-def family(pid: int) -> list[int]:
-    """``pid`` and its descendants (the reward server's worker processes), from ``/proc``."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo.extend(parents.get(found[-1], []))
-    return found
-
-
 # --- measurements --------------------------------------------------------------------------------
 
 
@@ -260,10 +238,10 @@ class Step:
 class Rig:
     """Everything the measurements share."""
 
-    processor: object
+    processor: ProcessorMixin
     pad_id: int
-    replicas: object
-    rewards: object
+    replicas: RolloutReplicas
+    rewards: RewardClient
     urls: dict[str, str]
     rollout_posts: PostTimer
     reward_posts: PostTimer
@@ -299,29 +277,14 @@ class Shape:
     """By algorithm, the last timed step's rollouts and its request and response bodies."""
 
 
-def scored_batch(examples: list[Example], rollouts: list, rewards: dict) -> ScoredBatch:
-    """Step 1's batch, as ``rows_with_advantages`` reads it; by field name, setting only the fields the
-    class has (its bookkeeping fields change more often than the four the rows are made from)."""
-    values = {
-        "step": 1,
-        "prompt_ids": [e.id for e in examples],
-        "data_position": {},
-        "examples": examples,
-        "rollouts": rollouts,
-        "rewards": rewards,
-    }
-    names = {f.name for f in dataclasses.fields(ScoredBatch)}
-    return ScoredBatch(**{name: value for name, value in values.items() if name in names})
-
-
 def build_shape(rig: Rig, name: str, configs_by_algorithm: dict[str, TrainConfig]) -> Shape:
     """The fixed batch (sampled once with CPPO's views, rows made once) and one policy per algorithm."""
     cppo = configs_by_algorithm["cppo"]
     examples = take_prompts(cppo)
     seed = step_seed(cppo.seed, 1)
-    rollouts, rewards, _ = sample_and_score(cppo, rig.replicas, rig.rewards, examples, seed, VIEWS["cppo"])
-    batch = scored_batch(examples, rollouts, rewards)
-    rows, _, spare = rows_with_advantages(rig.processor, batch, VIEWS["cppo"], cppo)
+    rollouts, rewards, _ = sample_and_score(cppo, rig.replicas, rig.rewards, examples, seed, passes("cppo"))
+    batch = ScoredBatch(step=1, examples=examples, rollouts=rollouts, rewards=rewards)
+    rows, _, spare = rows_with_advantages(rig.processor, batch, passes("cppo"), cppo)
     suppressed = suppressed_token_ids(rig.processor.tokenizer)
     policies = {
         algorithm: Policy(config, micro_batches_per_mini_batch(config), suppressed)
@@ -337,7 +300,7 @@ def build_shape(rig: Rig, name: str, configs_by_algorithm: dict[str, TrainConfig
 def run_step(rig: Rig, shape: Shape, algorithm: str) -> Step:
     """One training step of ``algorithm``, phase by phase, as ``trainer.loop.train`` runs it; the update
     runs on the shape's fixed rows, so that both algorithms update on the same batch."""
-    config, views = shape.configs[algorithm], VIEWS[algorithm]
+    config, views = shape.configs[algorithm], passes(algorithm)
     rig.rollout_posts.clear()
     rig.reward_posts.clear()
     cpu = rig.meter.snapshot()
@@ -350,7 +313,7 @@ def run_step(rig: Rig, shape: Shape, algorithm: str) -> Step:
     )
     after = rig.handlers()
     scored = time.perf_counter()
-    batch = scored_batch(examples, rollouts, rewards)
+    batch = ScoredBatch(step=1, examples=examples, rollouts=rollouts, rewards=rewards)
     rows_with_advantages(rig.processor, batch, views, config)
     made = time.perf_counter()
     update(shape.policies[algorithm], shape.rows, shape.spare, config, rig.pad_id)
@@ -386,22 +349,33 @@ def time_update(rig: Rig, shape: Shape, algorithm: str) -> float:
     return time.perf_counter() - start
 
 
-def median_seconds(work: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def measure_shape(rig: Rig, shape: Shape, options: Options) -> None:
+    """The shape's rounds of whole steps, then its rounds of updates alone; the algorithms take turns,
+    the order flipped every round."""
+    for number in range(options.rounds):
+        for algorithm in ALGORITHMS if number % 2 == 0 else ALGORITHMS[::-1]:
+            step = run_step(rig, shape, algorithm)
+            shape.steps[algorithm].append(step)
+            console.print(
+                f"  {shape.name} round {number + 1}/{options.rounds}: {algorithm}: step "
+                f"{step.seconds:.2f} s (update {step.phases['update']:.2f} s, rollout "
+                f"{step.phases['rollout']:.2f} s)"
+            )
+    for number in range(options.update_rounds):
+        for algorithm in ALGORITHMS if number % 2 == 0 else ALGORITHMS[::-1]:
+            shape.updates[algorithm].append(time_update(rig, shape, algorithm))
+    console.print(
+        f"  {shape.name}: {options.update_rounds} rounds of updates alone: "
+        f"{listed(ratios(shape.updates['cppo'], shape.updates['grpo']))}"
+    )
 
 
-def serialisation(rig: Rig, shape: Shape, algorithm: str, repeats: int) -> dict[str, float]:
+def serialisation(shape: Shape, algorithm: str, repeats: int) -> dict[str, float]:
     """Seconds of pydantic JSON and of image data URLs in one step of ``algorithm``, timed in-process on
     the last timed step's own requests, responses and images (medians of ``repeats``)."""
-    config, views = shape.configs[algorithm], VIEWS[algorithm]
+    config, views = shape.configs[algorithm], passes(algorithm)
     rollouts, rollout_body, rollout_answer, score_body, score_answer = shape.last[algorithm]
     by_id = {e.id: e for e in shape.examples}
-    prompts = shape.examples
     response = RolloutResponse.model_validate_json(rollout_answer)
     scores = ScoreResponse.model_validate_json(score_answer)
     limits = ImageLimits()
@@ -411,50 +385,28 @@ def serialisation(rig: Rig, shape: Shape, algorithm: str, repeats: int) -> dict[
     made = [v.image_url for r in rollouts for v in r.views]
     used = [v.image_url for r in rollouts for v in r.views if v.kind in views]
     view_images = [decode_image_url(url, limits) for url in made]
-    return {
-        "client JSON: rollout request": median_seconds(
-            lambda: (
-                rollout_request(config, [e.rollout_prompt() for e in prompts], shape.seed, views)
-                .model_dump_json(exclude_none=True)
-                .encode()
-            ),
-            repeats,
+    prompts = [e.rollout_prompt() for e in shape.examples]
+    work = {
+        "client JSON: rollout request": lambda: (
+            rollout_request(config, prompts, shape.seed, views).model_dump_json(exclude_none=True).encode()
         ),
-        "client JSON: rollout response": median_seconds(
-            lambda: RolloutResponse.model_validate_json(rollout_answer), repeats
+        "client JSON: rollout response": lambda: RolloutResponse.model_validate_json(rollout_answer),
+        "client JSON: score request": lambda: (
+            ScoreRequest(items=score_items(config, by_id, rollouts))
+            .model_dump_json(exclude_none=True)
+            .encode()
         ),
-        "client JSON: score request": median_seconds(
-            lambda: (
-                ScoreRequest(items=score_items(config, by_id, rollouts))
-                .model_dump_json(exclude_none=True)
-                .encode()
-            ),
-            repeats,
-        ),
-        "client JSON: score response": median_seconds(
-            lambda: ScoreResponse.model_validate_json(score_answer), repeats
-        ),
-        "server JSON: rollout request": median_seconds(
-            lambda: RolloutRequest.model_validate_json(rollout_body), repeats
-        ),
-        "server JSON: rollout response": median_seconds(lambda: response.model_dump_json().encode(), repeats),
-        "server JSON: score request": median_seconds(
-            lambda: ScoreRequest.model_validate_json(score_body), repeats
-        ),
-        "server JSON: score response": median_seconds(lambda: scores.model_dump_json().encode(), repeats),
-        "images: clean, encode (trainer)": median_seconds(
-            lambda: [encode_image_data_url(image) for image in clean], repeats
-        ),
-        "images: clean, decode (server)": median_seconds(
-            lambda: [decode_image_url(url, limits) for url in clean_urls], repeats
-        ),
-        "images: views, encode (server)": median_seconds(
-            lambda: [encode_image_data_url(image) for image in view_images], repeats
-        ),
-        "images: views, decode (trainer)": median_seconds(
-            lambda: [decode_image_url(url, limits) for url in used], repeats
-        ),
+        "client JSON: score response": lambda: ScoreResponse.model_validate_json(score_answer),
+        "server JSON: rollout request": lambda: RolloutRequest.model_validate_json(rollout_body),
+        "server JSON: rollout response": lambda: response.model_dump_json().encode(),
+        "server JSON: score request": lambda: ScoreRequest.model_validate_json(score_body),
+        "server JSON: score response": lambda: scores.model_dump_json().encode(),
+        "images: clean, encode (trainer)": lambda: [encode_image_data_url(image) for image in clean],
+        "images: clean, decode (server)": lambda: [decode_image_url(url, limits) for url in clean_urls],
+        "images: views, encode (server)": lambda: [encode_image_data_url(image) for image in view_images],
+        "images: views, decode (trainer)": lambda: [decode_image_url(url, limits) for url in used],
     }
+    return {name: median_seconds(call, repeats) for name, call in work.items()}
 
 
 @dataclass
@@ -481,6 +433,277 @@ def publish_once(rig: Rig, publisher: Publisher, mode: str) -> Sync:
         size = len(publisher.last_tensors)
     rig.rollout_posts.clear()
     return Sync(seconds, server, size / 2**20, others)
+
+
+def measure_syncs(rig: Rig, shape: Shape, rounds: int) -> dict[str, list[Sync]]:
+    """``rounds`` publications of the shape's CPPO policy per sync mode, the modes taking turns."""
+    config = shape.configs["cppo"]
+    publishers = {
+        mode: Publisher(
+            shape.policies["cppo"],
+            rig.replicas,
+            config.model_copy(update={"sync": config.sync.model_copy(update={"mode": mode})}),
+        )
+        for mode in SYNC_MODES
+    }
+    syncs: dict[str, list[Sync]] = {mode: [] for mode in SYNC_MODES}
+    for mode in SYNC_MODES:  # warm-up
+        publish_once(rig, publishers[mode], mode)
+    for number in range(rounds):
+        for mode in SYNC_MODES if number % 2 == 0 else SYNC_MODES[::-1]:
+            syncs[mode].append(publish_once(rig, publishers[mode], mode))
+            console.print(f"  sync {number + 1}/{rounds}: {mode}: {syncs[mode][-1].seconds:.2f} s")
+    return syncs
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def report(
+    info: dict[str, str],
+    settings: dict[str, str],
+    shapes: dict[str, Shape],
+    codecs: dict[str, dict[str, float]],
+    syncs: dict[str, list[Sync]],
+    wall_seconds: float,
+) -> tuple[str, dict]:
+    """The results as markdown, and as a dict for the JSON file."""
+    results = {name: compare(shape) for name, shape in shapes.items()}
+    r = results["paper"]["update_ratio"]
+    implied_share = (PAPER_WHOLE_STEP - 1) / (r - 1) if r > 1 else float("nan")
+    http = {a: http_share(shapes["demo"].steps[a], codecs[a]) for a in ALGORITHMS}
+    share = http["cppo"]["share"]
+    sync = {mode: sync_summary(runs) for mode, runs in syncs.items()}
+    others = [s.other_cores for shape in shapes.values() for a in ALGORITHMS for s in shape.steps[a]]
+    others += [s.other_cores for runs in syncs.values() for s in runs]
+    demo = shapes["demo"]
+    lines = [
+        *preamble(
+            "Train step",
+            "train_step.py",
+            "Every ratio is between numbers measured in the same round; each figure is a median over rounds",
+            f"({len(demo.steps['cppo'])} rounds of steps, {len(demo.updates['cppo'])} of updates alone, "
+            f"{len(syncs['value'])} publications per sync mode).",
+        ),
+        *key_value_section(
+            "Machine", {**info, "CPU used by other processes while measuring": spread(others)}
+        ),
+        *key_value_section("Settings", settings),
+        "## 1. CPPO against GRPO",
+        "",
+        *update_section(results, len(demo.updates["cppo"])),
+        *whole_step_sections(results, shapes["paper"], implied_share),
+        *http_section(http, codecs),
+        *sync_section(sync),
+        f"Whole run, model build and server start included: {wall_seconds:.0f} s.",
+        "",
+    ]
+    data = {
+        "machine": info,
+        "settings": settings,
+        "cppo_vs_grpo": results,
+        "paper_whole_step": PAPER_WHOLE_STEP,
+        "implied_paper_grpo_update_share": implied_share,
+        "http_share": {**http, "target_max": HTTP_SHARE_TARGET, "met": share < HTTP_SHARE_TARGET},
+        "weight_sync": sync,
+        "wall_seconds": wall_seconds,
+    }
+    return "\n".join(lines), data
+
+
+def compare(shape: Shape) -> dict:
+    """CPPO against GRPO in one shape: the update alone, the whole step and its phases, round by round."""
+    grpo, cppo = shape.steps["grpo"], shape.steps["cppo"]
+    update_ratios = ratios(shape.updates["cppo"], shape.updates["grpo"])
+    step_ratios = ratios((c.seconds for c in cppo), (g.seconds for g in grpo))
+    return {
+        "update_ratio": statistics.median(update_ratios),
+        "update_ratio_by_round": update_ratios,
+        "update_seconds": {a: statistics.median(shape.updates[a]) for a in ALGORITHMS},
+        "update_seconds_by_round": shape.updates,
+        "update_ratio_within_steps": statistics.median(
+            ratios((c.phases["update"] for c in cppo), (g.phases["update"] for g in grpo))
+        ),
+        "whole_step_ratio": statistics.median(step_ratios),
+        "whole_step_ratio_by_round": step_ratios,
+        "grpo_update_share": statistics.median(g.phases["update"] / g.seconds for g in grpo),
+        "phases": {
+            a: {p: statistics.median(s.phases[p] for s in shape.steps[a]) for p in PHASES} for a in ALGORITHMS
+        },
+        "step_seconds": {a: statistics.median(s.seconds for s in shape.steps[a]) for a in ALGORITHMS},
+        "rounds": {a: [asdict(s) for s in shape.steps[a]] for a in ALGORITHMS},
+    }
+
+
+def http_share(steps: list[Step], codecs: dict[str, float]) -> dict:
+    """What HTTP and serialisation took of one algorithm's demo steps: transport, measured in every round,
+    plus the JSON and image times ``codecs``, timed in-process once."""
+    fixed = sum(codecs.values())
+    pydantic_only = sum(v for k, v in codecs.items() if "JSON" in k)
+    return {
+        "share": statistics.median((s.transport + fixed) / s.seconds for s in steps),
+        "share_by_round": [(s.transport + fixed) / s.seconds for s in steps],
+        "share_transport_and_json": statistics.median(
+            (s.transport + pydantic_only) / s.seconds for s in steps
+        ),
+        "transport_seconds": statistics.median(s.transport for s in steps),
+        "request_seconds": statistics.median(s.requests for s in steps),
+        "in_process_seconds": codecs,
+        "step_seconds": statistics.median(s.seconds for s in steps),
+    }
+
+
+def sync_summary(runs: list[Sync]) -> dict:
+    """One sync mode's publications: medians of seconds and of seconds per MB, the server's share too."""
+    return {
+        "megabytes": runs[0].megabytes,
+        "seconds": statistics.median(s.seconds for s in runs),
+        "server_seconds": statistics.median(s.server_seconds for s in runs),
+        "seconds_per_mb": statistics.median(s.seconds / s.megabytes for s in runs),
+        "server_seconds_per_mb": statistics.median(s.server_seconds / s.megabytes for s in runs),
+        "rounds": [asdict(s) for s in runs],
+    }
+
+
+def update_section(results: dict[str, dict], update_rounds: int) -> list[str]:
+    """Section 1's first part: the update phase alone, on the same rows, in both shapes."""
+    return [
+        "### The update phase, on the same rows",
+        "",
+        "| shape | GRPO update (s) | CPPO update (s) | CPPO ÷ GRPO | rounds |",
+        "|---|---:|---:|---:|---|",
+        *(
+            f"| {name} | {results[name]['update_seconds']['grpo']:.3f} | "
+            f"{results[name]['update_seconds']['cppo']:.3f} | **{results[name]['update_ratio']:.2f}×** | "
+            f"{listed(results[name]['update_ratio_by_round'])} |"
+            for name in SHAPES
+        ),
+        "",
+        f"`trainer.loop.update` alone, {update_rounds} rounds per shape after the steps. Inside the steps",
+        f"below the same ratio came out at {results['demo']['update_ratio_within_steps']:.2f}× "
+        f"(demo) and {results['paper']['update_ratio_within_steps']:.2f}× (paper-like).",
+        "",
+        "CPPO runs three teacher-forced passes with gradient (clean, I⁺, I⁻) where GRPO runs one, so the",
+        "passes alone cost 3×; the optimizer step, the same for both, pulls the ratio below that, and CPPO's",
+        "extra loss terms (the contrastive loss over the top-entropy tokens) push it above.",
+        "",
+    ]
+
+
+def whole_step_sections(results: dict[str, dict], paper: Shape, implied_share: float) -> list[str]:
+    """Section 1's whole steps: the demo shape's, then the paper-like shape's, the estimate."""
+    return [
+        *phase_table("### The whole step, demo shape (seconds, medians)", results["demo"]),
+        "",
+        *phase_table(
+            "### The whole step, paper-like shape: the estimate (seconds, medians)", results["paper"]
+        ),
+        *_generate_calls_note(paper),
+        "",
+        "The estimate at the paper's shape is this table's whole step: the phases measured on the tiny model",
+        "with the paper's instruction, reward, n = 8 and long responses, summed per algorithm. How much of a",
+        "step the update takes depends on the engines, so read it with the update share: with GRPO's update",
+        "taking a share u of GRPO's step and an update ratio r, the step ratio is 1 + (r − 1)·u. Here",
+        f"u = {results['paper']['grpo_update_share']:.2f} (paper-like shape) and "
+        f"{results['demo']['grpo_update_share']:.2f} (demo);",
+        f"the paper's {PAPER_WHOLE_STEP}× at our r = {results['paper']['update_ratio']:.2f} implies "
+        f"u ≈ {implied_share:.2f} on its machines.",
+        "",
+    ]
+
+
+def phase_table(heading: str, result: dict) -> list[str]:
+    """One shape's phases and whole step, GRPO against CPPO, and the whole-step ratio round by round."""
+    phases, steps = result["phases"], result["step_seconds"]
+    return [
+        heading,
+        "",
+        "| phase | GRPO | CPPO | CPPO ÷ GRPO |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {phase} | {phases['grpo'][phase]:.3f} | {phases['cppo'][phase]:.3f} | "
+            f"{phases['cppo'][phase] / phases['grpo'][phase]:.2f}× |"
+            for phase in PHASES
+        ),
+        f"| **whole step** | **{steps['grpo']:.3f}** | **{steps['cppo']:.3f}** | "
+        f"**{result['whole_step_ratio']:.2f}×** (median of rounds) |",
+        "",
+        f"Whole step, round by round: {listed(result['whole_step_ratio_by_round'])}.",
+    ]
+
+
+def _generate_calls_note(shape: Shape) -> list[str]:
+    """Rollout seconds against the server's ``generate`` calls, round by round."""
+    parts = {
+        a: ", ".join(f"{s.phases['rollout']:.2f} s ({s.generate_calls})" for s in shape.steps[a])
+        for a in ALGORITHMS
+    }
+    return [
+        "",
+        "Rollout, round by round, with the server's `generate` calls for the step's request in brackets",
+        "(its batcher merges the step's per-prompt generations when they reach it together):",
+        f"GRPO {parts['grpo']}; CPPO {parts['cppo']}.",
+    ]
+
+
+def http_section(http: dict[str, dict], codecs: dict[str, dict[str, float]]) -> list[str]:
+    """Section 2: what HTTP and serialisation take of a demo step, part by part, against the target."""
+    share = http["cppo"]["share"]
+    return [
+        "## 2. HTTP and serialisation, demo step",
+        "",
+        "| | GRPO step | CPPO step |",
+        "|---|---:|---:|",
+        *(
+            f"| {label} | {http['grpo'][key] * 1000:.1f} ms | {http['cppo'][key] * 1000:.1f} ms |"
+            for label, key in (
+                ("whole step", "step_seconds"),
+                ("rollout and score requests, client wall time", "request_seconds"),
+                ("transport: the same less the servers' handler time", "transport_seconds"),
+            )
+        ),
+        *(
+            f"| {name} | {codecs['grpo'][name] * 1000:.1f} ms | {codecs['cppo'][name] * 1000:.1f} ms |"
+            for name in codecs["cppo"]
+        ),
+        f"| **share of the step: transport, JSON and images** | {http['grpo']['share']:.1%} | "
+        f"**{share:.1%}** |",
+        f"| share of the step: transport and JSON only | {http['grpo']['share_transport_and_json']:.1%} | "
+        f"{http['cppo']['share_transport_and_json']:.1%} |",
+        "",
+        "| measure | measured | target | |",
+        "|---|---:|---:|---|",
+        f"| HTTP and serialisation share of a CPPO demo step | {share:.1%} | < {HTTP_SHARE_TARGET:.0%} "
+        f"| {met(share < HTTP_SHARE_TARGET)} |",
+        "",
+        f"Round by round (CPPO): {', '.join(f'{v:.1%}' for v in http['cppo']['share_by_round'])}.",
+        "Transport is measured in every round; the JSON and image lines are timed in-process on the last",
+        "round's own requests, responses and images (server-side JSON: pydantic on the same bodies, an",
+        "estimate of what FastAPI does inside the handler).",
+        "",
+    ]
+
+
+def sync_section(sync: dict[str, dict]) -> list[str]:
+    """Section 3: seconds per MB of a publication, by value and by reference."""
+    return [
+        "## 3. Weight sync",
+        "",
+        "| mode | weights (MB) | publish (s) | of which the server's handler (s) | publish s/MB "
+        "| server s/MB |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| by {mode} | {sync[mode]['megabytes']:.2f} | {sync[mode]['seconds']:.3f} | "
+            f"{sync[mode]['server_seconds']:.3f} | **{sync[mode]['seconds_per_mb']:.4f}** | "
+            f"{sync[mode]['server_seconds_per_mb']:.4f} |"
+            for mode in SYNC_MODES
+        ),
+        "",
+        "Publish: `Publisher.publish` end to end (gathering the weights, `save_pretrained`, the request, the",
+        "server's load and swap). The tiny model is under 1 MB, so the fixed cost of every load (the server",
+        "building its model afresh) weighs on these per-MB figures; a large model's would be lower.",
+        "",
+    ]
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -517,9 +740,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--serialisation-repeats", type=int, default=5, help="repeats of each in-process timing (default 5)"
     )
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "bench/results/train_step.md", help="markdown results file"
-    )
+    add_out_argument(parser, "train_step")
     return Options(**vars(parser.parse_args(argv)))
 
 
@@ -532,6 +753,8 @@ def quiet() -> None:
 
 
 def measure(options: Options, scratch: Path, started: float) -> tuple[str, dict]:
+    """Both servers, the steps of both shapes, the serialisation timings and the syncs; the report,
+    ``started`` being when the run started."""
     load = os.getloadavg()[0]
     torch.set_num_threads(options.threads)
     threads = {"OMP_NUM_THREADS": str(options.threads)}
@@ -540,14 +763,15 @@ def measure(options: Options, scratch: Path, started: float) -> tuple[str, dict]
     data = write_dataset(scratch / "data", SynthSettings(train=200, test=8))
     run_dir = scratch / "run"
     (run_dir / "weights").mkdir(parents=True)
-    rows = max(16 * 16, options.paper_prompts * 8)
+    # Room for a whole step in one ``generate`` call: 16 demo prompts × n 16, or the paper-like ones × n 8.
+    max_batch_size = max(64, 16 * 16, options.paper_prompts * 8)
     rollout_args = [
         "--model",
         str(model),
         "--weights-root",
         str(run_dir),
         "--max-batch-size",
-        str(max(64, rows)),
+        str(max_batch_size),
     ]
     with (
         running_service(
@@ -570,7 +794,7 @@ def measure(options: Options, scratch: Path, started: float) -> tuple[str, dict]
             urls,
             PostTimer(replicas.client),
             PostTimer(rewards.client),
-            CpuMeter([os.getpid(), *family(rs.process.pid), *family(ws.process.pid)]),
+            CpuMeter([os.getpid(), rs.process.pid, ws.process.pid]),
         )
         shapes = {}
         for name in SHAPES:
@@ -578,51 +802,34 @@ def measure(options: Options, scratch: Path, started: float) -> tuple[str, dict]
             shapes[name] = build_shape(rig, name, by_shape[name])
             for algorithm in ALGORITHMS:
                 run_step(rig, shapes[name], algorithm)
-        for name, shape in shapes.items():
-            for number in range(options.rounds):
-                order = ALGORITHMS if number % 2 == 0 else ALGORITHMS[::-1]
-                for algorithm in order:
-                    step = run_step(rig, shape, algorithm)
-                    shape.steps[algorithm].append(step)
-                    console.print(
-                        f"  {name} round {number + 1}/{options.rounds}: {algorithm}: step "
-                        f"{step.seconds:.2f} s (update {step.phases['update']:.2f} s, rollout "
-                        f"{step.phases['rollout']:.2f} s)"
-                    )
-            for number in range(options.update_rounds):
-                for algorithm in ALGORITHMS if number % 2 == 0 else ALGORITHMS[::-1]:
-                    shape.updates[algorithm].append(time_update(rig, shape, algorithm))
-            ratios = [c / g for g, c in zip(shape.updates["grpo"], shape.updates["cppo"], strict=True)]
-            console.print(f"  {name}: {options.update_rounds} rounds of updates alone: {listed(ratios)}")
-        demo = shapes["demo"]
-        codecs = {a: serialisation(rig, demo, a, options.serialisation_repeats) for a in ALGORITHMS}
+        for shape in shapes.values():
+            measure_shape(rig, shape, options)
+        codecs = {a: serialisation(shapes["demo"], a, options.serialisation_repeats) for a in ALGORITHMS}
         console.print("weight sync, by value and by reference")
-        policy = demo.policies["cppo"]
-        publishers = {
-            mode: Publisher(
-                policy,
-                replicas,
-                demo.configs["cppo"].model_copy(
-                    update={"sync": demo.configs["cppo"].sync.model_copy(update={"mode": mode})}
-                ),
-            )
-            for mode in SYNC_MODES
-        }
-        syncs: dict[str, list[Sync]] = {mode: [] for mode in SYNC_MODES}
-        for mode in SYNC_MODES:  # warm-up
-            publish_once(rig, publishers[mode], mode)
-        for number in range(options.sync_rounds):
-            for mode in SYNC_MODES if number % 2 == 0 else SYNC_MODES[::-1]:
-                syncs[mode].append(publish_once(rig, publishers[mode], mode))
-                console.print(
-                    f"  sync {number + 1}/{options.sync_rounds}: {mode}: {syncs[mode][-1].seconds:.2f} s"
-                )
+        syncs = measure_syncs(rig, shapes["demo"], options.sync_rounds)
         replicas.close()
         rewards.close()
-    settings = {
+    info = describe_machine(
+        {
+            "torch threads": str(torch.get_num_threads()),
+            "OMP_NUM_THREADS in the environment": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__,
+            "pydantic": pydantic.__version__,
+            "httpx": httpx.__version__,
+        },
+        load,
+    )
+    settings = describe_settings(options, shapes, max_batch_size)
+    return report(info, settings, shapes, codecs, syncs, time.perf_counter() - started)
+
+
+def describe_settings(options: Options, shapes: dict[str, Shape], max_batch_size: int) -> dict[str, str]:
+    return {
         "model": "tiny random Qwen2.5-VL, profile 'transformers'; fp32, DeepSpeed ZeRO 0, one process",
         "servers": "`cppo rollout-server` (transformers backend, --max-batch-size "
-        f"{max(64, rows)}) and `cppo reward-server` (default workers), on this machine",
+        f"{max_batch_size}) and `cppo reward-server` (default workers), on this machine",
         "demo shape": describe_shape(shapes["demo"]),
         "paper-like shape": describe_shape(shapes["paper"]),
         "rounds": f"{options.rounds} steps and then {options.update_rounds} updates alone per shape and "
@@ -631,18 +838,6 @@ def measure(options: Options, scratch: Path, started: float) -> tuple[str, dict]
         "OMP_NUM_THREADS for the servers)",
         "weight sync": f"{options.sync_rounds} publications per mode (after one warm-up each), CPPO's policy",
     }
-    info = {
-        **describe_machine(),
-        "torch threads": str(torch.get_num_threads()),
-        "OMP_NUM_THREADS in the environment": os.environ.get("OMP_NUM_THREADS", "unset"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "deepspeed": deepspeed.__version__,
-        "pydantic": pydantic.__version__,
-        "httpx": httpx.__version__,
-        "load average (1 min) at start": f"{load:.2f}",
-    }
-    return report(info, settings, shapes, codecs, syncs, time.perf_counter() - started)
 
 
 def describe_shape(shape: Shape) -> str:
@@ -661,267 +856,13 @@ def describe_shape(shape: Shape) -> str:
     )
 
 
-# --- the report ----------------------------------------------------------------------------------
-
-
-def listed(values, digits: int = 2) -> str:
-    return ", ".join(f"{v:.{digits}f}" for v in values)
-
-
-def report(info, settings, shapes, codecs, syncs, wall_seconds) -> tuple[str, dict]:
-    """The results as markdown, and as a dict for the JSON file."""
-
-    def median(values) -> float:
-        return statistics.median(list(values))
-
-    def met(ok: bool) -> str:
-        return "**met**" if ok else "**not met**"
-
-    results = {}
-    for name, shape in shapes.items():
-        grpo, cppo = shape.steps["grpo"], shape.steps["cppo"]
-        pairs = list(zip(grpo, cppo, strict=True))
-        update_ratios = [c / g for g, c in zip(shape.updates["grpo"], shape.updates["cppo"], strict=True)]
-        step_ratios = [c.seconds / g.seconds for g, c in pairs]
-        update_shares = [g.phases["update"] / g.seconds for g in grpo]
-        results[name] = {
-            "update_ratio": median(update_ratios),
-            "update_ratio_by_round": update_ratios,
-            "update_seconds": {a: median(shape.updates[a]) for a in ALGORITHMS},
-            "update_seconds_by_round": shape.updates,
-            "update_ratio_within_steps": median(c.phases["update"] / g.phases["update"] for g, c in pairs),
-            "whole_step_ratio": median(step_ratios),
-            "whole_step_ratio_by_round": step_ratios,
-            "grpo_update_share": median(update_shares),
-            "phases": {
-                a: {p: median(s.phases[p] for s in shape.steps[a]) for p in PHASES} for a in ALGORITHMS
-            },
-            "step_seconds": {a: median(s.seconds for s in shape.steps[a]) for a in ALGORITHMS},
-            "rounds": {a: [asdict(s) for s in shape.steps[a]] for a in ALGORITHMS},
-        }
-    r = results["paper"]["update_ratio"]
-    implied_share = (PAPER_WHOLE_STEP - 1) / (r - 1) if r > 1 else float("nan")
-
-    demo = shapes["demo"]
-    http = {}
-    for algorithm in ALGORITHMS:
-        fixed = sum(codecs[algorithm].values())
-        pydantic_only = sum(v for k, v in codecs[algorithm].items() if "JSON" in k)
-        steps = demo.steps[algorithm]
-        http[algorithm] = {
-            "share": median((s.transport + fixed) / s.seconds for s in steps),
-            "share_by_round": [(s.transport + fixed) / s.seconds for s in steps],
-            "share_transport_and_json": median((s.transport + pydantic_only) / s.seconds for s in steps),
-            "transport_seconds": median(s.transport for s in steps),
-            "request_seconds": median(s.requests for s in steps),
-            "in_process_seconds": codecs[algorithm],
-            "step_seconds": median(s.seconds for s in steps),
-        }
-    share = http["cppo"]["share"]
-
-    sync = {}
-    for mode, runs in syncs.items():
-        sync[mode] = {
-            "megabytes": runs[0].megabytes,
-            "seconds": median(s.seconds for s in runs),
-            "server_seconds": median(s.server_seconds for s in runs),
-            "seconds_per_mb": median(s.seconds / s.megabytes for s in runs),
-            "server_seconds_per_mb": median(s.server_seconds / s.megabytes for s in runs),
-            "rounds": [asdict(s) for s in runs],
-        }
-
-    others = [s.other_cores for shape in shapes.values() for a in ALGORITHMS for s in shape.steps[a]]
-    others += [s.other_cores for runs in syncs.values() for s in runs]
-
-    def phase_rows(name: str) -> list[str]:
-        phases = results[name]["phases"]
-        lines = [
-            f"| {phase} | {phases['grpo'][phase]:.3f} | {phases['cppo'][phase]:.3f} | "
-            f"{phases['cppo'][phase] / phases['grpo'][phase]:.2f}× |"
-            for phase in PHASES
-        ]
-        steps = results[name]["step_seconds"]
-        lines.append(
-            f"| **whole step** | **{steps['grpo']:.3f}** | **{steps['cppo']:.3f}** | "
-            f"**{results[name]['whole_step_ratio']:.2f}×** (median of rounds) |"
-        )
-        return lines
-
-    codec_names = list(codecs["cppo"])
-    lines = [
-        "# Train step",
-        "",
-        "Produced by `bench/train_step.py`; its docstring says what is measured and why.",
-        "Every ratio is between numbers measured in the same round; each figure is a median over rounds",
-        f"({len(demo.steps['cppo'])} rounds of steps, {len(demo.updates['cppo'])} of updates alone, "
-        f"{len(syncs['value'])} publications per sync mode).",
-        "",
-        "## Machine",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {key} | {value} |" for key, value in info.items()),
-        f"| CPU used by other processes while measuring | median {median(others):.2f} cores "
-        f"(from {min(others):.2f} to {max(others):.2f}) |",
-        "",
-        "## Settings",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {key} | {value} |" for key, value in settings.items()),
-        "",
-        "## 1. CPPO against GRPO",
-        "",
-        "### The update phase, on the same rows",
-        "",
-        "| shape | GRPO update (s) | CPPO update (s) | CPPO ÷ GRPO | rounds |",
-        "|---|---:|---:|---:|---|",
-        *(
-            f"| {name} | {results[name]['update_seconds']['grpo']:.3f} | "
-            f"{results[name]['update_seconds']['cppo']:.3f} | **{results[name]['update_ratio']:.2f}×** | "
-            f"{listed(results[name]['update_ratio_by_round'])} |"
-            for name in SHAPES
-        ),
-        "",
-        f"`trainer.loop.update` alone, {len(demo.updates['cppo'])} rounds per shape after the steps. Inside "
-        "the steps",
-        f"below the same ratio came out at {results['demo']['update_ratio_within_steps']:.2f}× "
-        f"(demo) and {results['paper']['update_ratio_within_steps']:.2f}× (paper-like).",
-        "",
-        "CPPO runs three teacher-forced passes with gradient (clean, I⁺, I⁻) where GRPO runs one, so the",
-        "passes alone cost 3×; the optimizer step, the same for both, pulls the ratio below that, and CPPO's",
-        "extra loss terms (the contrastive loss over the top-entropy tokens) push it above.",
-        "",
-        "### The whole step, demo shape (seconds, medians)",
-        "",
-        "| phase | GRPO | CPPO | CPPO ÷ GRPO |",
-        "|---|---:|---:|---:|",
-        *phase_rows("demo"),
-        "",
-        f"Whole step, round by round: {listed(results['demo']['whole_step_ratio_by_round'])}.",
-        "",
-        "### The whole step, paper-like shape: the estimate (seconds, medians)",
-        "",
-        "| phase | GRPO | CPPO | CPPO ÷ GRPO |",
-        "|---|---:|---:|---:|",
-        *phase_rows("paper"),
-        "",
-        f"Whole step, round by round: {listed(results['paper']['whole_step_ratio_by_round'])}.",
-        *_generate_calls_note(shapes["paper"]),
-        "",
-        "The estimate at the paper's shape is this table's whole step: the phases measured on the tiny model",
-        "with the paper's instruction, reward, n = 8 and long responses, summed per algorithm. How much of a",
-        "step the update takes depends on the engines, so read it with the update share: with GRPO's update",
-        "taking a share u of GRPO's step and an update ratio r, the step ratio is 1 + (r − 1)·u. Here",
-        f"u = {results['paper']['grpo_update_share']:.2f} (paper-like shape) and "
-        f"{results['demo']['grpo_update_share']:.2f} (demo);",
-        f"the paper's {PAPER_WHOLE_STEP}× at our r = {r:.2f} implies u ≈ {implied_share:.2f} on its "
-        "machines.",
-        "",
-        "## 2. HTTP and serialisation, demo step",
-        "",
-        "| | GRPO step | CPPO step |",
-        "|---|---:|---:|",
-        *(
-            f"| {label} | {http['grpo'][key] * 1000:.1f} ms | {http['cppo'][key] * 1000:.1f} ms |"
-            for label, key in (
-                ("whole step", "step_seconds"),
-                ("rollout and score requests, client wall time", "request_seconds"),
-                ("transport: the same less the servers' handler time", "transport_seconds"),
-            )
-        ),
-        *(
-            f"| {name} | {codecs['grpo'][name] * 1000:.1f} ms | {codecs['cppo'][name] * 1000:.1f} ms |"
-            for name in codec_names
-        ),
-        f"| **share of the step: transport, JSON and images** | {http['grpo']['share']:.1%} | "
-        f"**{share:.1%}** |",
-        f"| share of the step: transport and JSON only | {http['grpo']['share_transport_and_json']:.1%} | "
-        f"{http['cppo']['share_transport_and_json']:.1%} |",
-        "",
-        "| measure | measured | target | |",
-        "|---|---:|---:|---|",
-        f"| HTTP and serialisation share of a CPPO demo step | {share:.1%} | < {HTTP_SHARE_TARGET:.0%} "
-        f"| {met(share < HTTP_SHARE_TARGET)} |",
-        "",
-        f"Round by round (CPPO): {', '.join(f'{v:.1%}' for v in http['cppo']['share_by_round'])}.",
-        "Transport is measured in every round; the JSON and image lines are timed in-process on the last",
-        "round's own requests, responses and images (server-side JSON: pydantic on the same bodies, an",
-        "estimate of what FastAPI does inside the handler).",
-        *_unasked_views_note(demo),
-        "",
-        "## 3. Weight sync",
-        "",
-        "| mode | weights (MB) | publish (s) | of which the server's handler (s) | publish s/MB "
-        "| server s/MB |",
-        "|---|---:|---:|---:|---:|---:|",
-        *(
-            f"| by {mode} | {sync[mode]['megabytes']:.2f} | {sync[mode]['seconds']:.3f} | "
-            f"{sync[mode]['server_seconds']:.3f} | **{sync[mode]['seconds_per_mb']:.4f}** | "
-            f"{sync[mode]['server_seconds_per_mb']:.4f} |"
-            for mode in SYNC_MODES
-        ),
-        "",
-        "Publish: `Publisher.publish` end to end (gathering the weights, `save_pretrained`, the request, the",
-        "server's load and swap). The tiny model is under 1 MB, so the fixed cost of every load (the server",
-        "building its model afresh) weighs on these per-MB figures; a large model's would be lower.",
-        "",
-        f"Whole run, model build and server start included: {wall_seconds:.0f} s.",
-        "",
-    ]
-    data = {
-        "machine": info,
-        "settings": settings,
-        "cppo_vs_grpo": results,
-        "paper_whole_step": PAPER_WHOLE_STEP,
-        "implied_paper_grpo_update_share": implied_share,
-        "http_share": {**http, "target_max": HTTP_SHARE_TARGET, "met": share < HTTP_SHARE_TARGET},
-        "weight_sync": sync,
-        "wall_seconds": wall_seconds,
-    }
-    return "\n".join(lines), data
-
-
-def _generate_calls_note(shape: Shape) -> list[str]:
-    """Rollout seconds against the server's ``generate`` calls, round by round."""
-    parts = {
-        a: ", ".join(f"{s.phases['rollout']:.2f} s ({s.generate_calls})" for s in shape.steps[a])
-        for a in ALGORITHMS
-    }
-    return [
-        "",
-        "Rollout, round by round, with the server's `generate` calls for the step's request in brackets",
-        "(its batcher merges the step's per-prompt generations when they reach it together):",
-        f"GRPO {parts['grpo']}; CPPO {parts['cppo']}.",
-    ]
-
-
-def _unasked_views_note(shape: Shape) -> list[str]:
-    """A paragraph saying so where GRPO's rollouts came back with views it did not ask for."""
-    rollouts = shape.last["grpo"][0]
-    kinds = sorted({v.kind for r in rollouts for v in r.views})
-    if not kinds:
-        return []
-    return [
-        "",
-        f"GRPO's rollouts came back with {' and '.join(kinds)} views it does not use: its requests set both",
-        "kinds to null, the trainer sends them with `exclude_none=True`, which drops the nulls, and the",
-        "server's defaults then make both views. So GRPO's rollout phase, and its image lines here, include",
-        "making, encoding and sending views that GRPO never reads.",
-    ]
-
-
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
     started = time.perf_counter()
     quiet()
     with tempfile.TemporaryDirectory(prefix="cppo-bench-") as scratch:
         markdown, data = measure(options, Path(scratch), started)
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(markdown)
-    options.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    print(markdown)
-    console.print(f"written: {options.out} and {options.out.with_suffix('.json')}")
+    write_results(options.out, markdown, data)
 
 
 if __name__ == "__main__":

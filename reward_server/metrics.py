@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.server import RequestMetrics
 
 
-class RewardMetrics:
+class RewardMetrics(RequestMetrics):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "cppo_reward_requests",
-            "HTTP requests, by route and status code",
-            ["route", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "cppo_reward_request_seconds",
-            "HTTP request latency, by route",
-            ["route"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-            registry=self.registry,
+        super().__init__(
+            "reward",
+            latency_buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )
         self.items = Counter(
             "cppo_reward_items",

@@ -29,13 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from reward_server.functions import BUILTINS, Registry, RewardFunction, reward_function
+from reward_server.registry import Registry, defined_in, reward_function
+from reward_server.rewards import BUILTINS
 
 __all__ = [
     "PluginError",
     "load_plugin",
     "load_registry",
-    "plugin_functions",
     "resolve_plugins",
     "reward_function",
 ]
@@ -85,21 +85,11 @@ def load_plugin(spec: str) -> ModuleType:
         raise PluginError(f"plugin {spec} failed to load: {type(error).__name__}: {error}") from error
 
 
-def plugin_functions(module: ModuleType) -> list[RewardFunction]:
-    """The reward functions a plugin module defines itself (not those it imports from elsewhere)."""
-    found = []
-    for value in vars(module).values():
-        function = getattr(value, "__cppo_reward__", None)
-        if isinstance(function, RewardFunction) and function.fn.__module__ == module.__name__:
-            found.append(function)
-    return found
-
-
 def load_registry(plugins: Sequence[str] = ()) -> Registry:
     """The built-in reward functions and those of each plugin, in one registry."""
     functions = list(BUILTINS)
     for spec in plugins:
-        found = plugin_functions(load_plugin(spec))
+        found = defined_in(load_plugin(spec).__name__)
         if not found:
             raise PluginError(f"plugin {spec} defines no function marked with @reward_function")
         functions.extend(found)

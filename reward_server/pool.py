@@ -39,15 +39,16 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Literal
 
-from reward_server.functions import Task, evaluate, warm_up
 from reward_server.metrics import RewardMetrics
 from reward_server.plugins import load_registry
+from reward_server.registry import Task, evaluate
+from reward_server.rewards import warm_up
 
 log = logging.getLogger("cppo.reward.pool")
 
 Status = Literal["ok", "timeout", "error"]
 
-_PRELOAD = ["reward_server.functions", "reward_server.plugins", "math_verify", "latex2sympy2_extended"]
+_PRELOAD = ["reward_server.rewards", "reward_server.plugins", "math_verify", "latex2sympy2_extended"]
 _INLINE_BYTES = 64 * 1024
 """Payloads above this are written to a worker's pipe from a thread, not the event loop."""
 _DETAIL_CHARS = 2000
@@ -88,7 +89,7 @@ class _Worker:
 
 
 class WorkerPool:
-    """``size`` worker processes scoring :class:`~reward_server.functions.Task` s, one at a time each."""
+    """``size`` worker processes scoring :class:`~reward_server.registry.Task` s, one at a time each."""
 
     def __init__(
         self,

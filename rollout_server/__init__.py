@@ -1,1 +1,2 @@
-"""The rollout server: VLM generation with perturbed views (see issue 3)."""
+"""The rollout server: VLM generation on clean and perturbed views of a prompt's images, with versioned
+policy weights; OpenAI-compatible chat completions."""

@@ -5,13 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rollout_server.backend import GenerationBackend
 from rollout_server.config import RolloutSettings
@@ -19,42 +15,22 @@ from rollout_server.engine import make_backend, resolve_model_folder
 from rollout_server.metrics import RolloutMetrics
 from rollout_server.service import RolloutService
 from rollout_server.weights import WeightsStager
-from shared.http import (
-    BodyLimit,
-    Instrument,
-    ServiceError,
-    bearer_auth,
-    cancel_on_disconnect,
-    install_error_handlers,
-)
+from shared.http import cancel_on_disconnect
 from shared.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
-    ErrorResponse,
-    Health,
     ModelCard,
     ModelList,
-    Readiness,
     RolloutRequest,
     RolloutResponse,
     WeightsStatus,
     WeightsUpdate,
 )
+from shared.server import Startup, service_app, started_service
 
 log = logging.getLogger("cppo.rollout")
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 503)}
 
-
-def loaded_service(request: Request) -> RolloutService:
-    """The service, once the model has loaded; 503 until then."""
-    service = request.app.state.service
-    if service is None:
-        detail = request.app.state.load_error or "the model is still loading"
-        raise ServiceError(503, None, "not_ready", detail)
-    return service
-
-
-Service = Annotated[RolloutService, Depends(loaded_service)]
+Service = Annotated[RolloutService, Depends(started_service)]
 
 
 def create_app(settings: RolloutSettings, backend: GenerationBackend | None = None) -> FastAPI:
@@ -62,66 +38,30 @@ def create_app(settings: RolloutSettings, backend: GenerationBackend | None = No
     metrics = RolloutMetrics()
     started = time.time()
 
-    async def load() -> None:
-        try:
-            folder = await asyncio.to_thread(resolve_model_folder, settings.model)
-            engine = backend or make_backend(settings, folder, metrics)
-            stager = await asyncio.to_thread(WeightsStager, folder, settings.weights_root)
-            await engine.start()
-            app.state.service = RolloutService(settings, engine, metrics, stager)
-            log.info("model %s loaded with the %s backend; ready", settings.model, engine.name)
-        except Exception as error:
-            app.state.load_error = f"{type(error).__name__}: {error}"
-            log.exception("the model failed to load")
+    async def load() -> RolloutService:
+        folder = await asyncio.to_thread(resolve_model_folder, settings.model)
+        engine = backend or make_backend(settings, folder, metrics)
+        stager = await asyncio.to_thread(WeightsStager, folder, settings.weights_root)
+        await engine.start()
+        service = RolloutService(settings, engine, metrics, stager)
+        log.info("model %s loaded with the %s backend; ready", settings.model, engine.name)
+        return service
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(load())
-        yield
-        loading.cancel()
-        if app.state.service is not None:
-            await app.state.service.backend.close()
+    async def close(service: RolloutService | None) -> None:
+        if service is not None:
+            await service.backend.close()
 
-    app = FastAPI(
+    loading = "the model is still loading"
+    app = service_app(
+        Startup(load, close, starting=loading, waiting=loading),
         title="CPPO rollout server",
         summary="VLM generation with perturbed views and versioned weights; OpenAI-compatible chat.",
-        lifespan=lifespan,
-        dependencies=[
-            Depends(bearer_auth(settings.api_key.get_secret_value() if settings.api_key else None))
-        ],
-        responses=ERRORS,
+        ready_doc="The model is loaded and requests are served (503 until then, or if loading failed).",
+        settings=settings,
+        metrics=metrics,
+        errors=(400, 401, 404, 409, 413, 422, 503),
+        body_limits={"/v1/weights/tensors": settings.max_weights_bytes},
     )
-    app.state.service = None
-    app.state.load_error = None
-    install_error_handlers(app)
-    app.add_middleware(
-        BodyLimit,
-        default_limit=settings.max_request_bytes,
-        limits={"/v1/weights/tensors": settings.max_weights_bytes},
-    )
-    app.add_middleware(Instrument, requests=metrics.requests, latency=metrics.latency)
-
-    @app.get("/health", tags=["ops"])
-    async def health() -> Health:
-        """The process is alive."""
-        return Health()
-
-    @app.get("/ready", tags=["ops"], responses={503: {"model": Readiness}})
-    async def ready() -> JSONResponse:
-        """The model is loaded and requests are served (503 until then, or if loading failed)."""
-        loaded = app.state.service
-        if loaded is None:
-            body = Readiness(ready=False, detail=app.state.load_error or "the model is still loading")
-            return JSONResponse(body.model_dump(), status_code=503)
-        body = Readiness(
-            ready=True, detail=f"{settings.name()} on {loaded.backend.name}", policy_version=loaded.version
-        )
-        return JSONResponse(body.model_dump())
-
-    @app.get("/metrics", tags=["ops"])
-    async def prometheus() -> Response:
-        """Prometheus metrics."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", tags=["openai"])
     async def models(rollouts: Service) -> ModelList:

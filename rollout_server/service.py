@@ -44,14 +44,15 @@ from shared.schemas import (
     ChatMessage,
     ChoiceLogprobs,
     ImagePart,
+    PerturbedView,
     PromptRollout,
+    Readiness,
     RolloutRequest,
     RolloutResponse,
     Sample,
     TokenLogprob,
     TopLogprob,
     Usage,
-    View,
     WeightsStatus,
 )
 from shared.vlm import chat_template_messages
@@ -99,7 +100,7 @@ class VersionGate:
 
 
 def derive_seed(seed: int | None, *parts: str | int) -> int:
-    """A seed for one prompt and image view, derived from the request's; fresh randomness without one."""
+    """A seed for one prompt and image variant, derived from the request's; fresh randomness without one."""
     if seed is None:
         return secrets.randbits(63)
     words = [seed, *(zlib.crc32(p.encode()) if isinstance(p, str) else p for p in parts)]
@@ -150,7 +151,10 @@ class RolloutService:
         self.version = 0
         self.weights_path: str | None = str(stager.model_folder)
         self.loaded_at = datetime.now(UTC)
-        self.ready = False
+
+    def readiness(self) -> Readiness:
+        detail = f"{self.settings.name()} on {self.backend.name}"
+        return Readiness(ready=True, detail=detail, policy_version=self.version)
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -219,7 +223,7 @@ class RolloutService:
                 Sample(
                     prompt_id=result.prompt_id,
                     sample_index=index,
-                    image_view=view,
+                    sampled_on=view,
                     token_ids=sample.token_ids,
                     text=sample.text,
                     logprobs=sample.logprobs,
@@ -245,9 +249,9 @@ class RolloutService:
         return made
 
     @staticmethod
-    def _view_models(views: dict[str, list[tuple[Image.Image, object]]]) -> list[View]:
+    def _view_models(views: dict[str, list[tuple[Image.Image, object]]]) -> list[PerturbedView]:
         return [
-            View(kind=kind, image_index=index, image_url=encode_image_data_url(image), spec=spec)
+            PerturbedView(kind=kind, image_index=index, image_url=encode_image_data_url(image), spec=spec)
             for kind, made in views.items()
             for index, (image, spec) in enumerate(made)
         ]

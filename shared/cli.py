@@ -1,6 +1,8 @@
 """The ``cppo`` command line: one entry point, a subcommand per job.
 
-Heavy imports (torch, transformers) happen inside the subcommands, so ``cppo --help`` is instant.
+Each service adds its own subcommands (a ``cppo.commands`` entry point: ``add_commands(subcommands)``) and
+its API schema (a ``cppo.openapi`` entry point), both declared in pyproject.toml, so ``shared`` imports no
+service. Heavy imports (torch, transformers) happen inside the subcommands, so ``cppo --help`` is instant.
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, CliSettingsSource
 
-from reward_server.config import RewardSettings
-from rollout_server.config import RolloutSettings
+from shared.commands import AddCommands, Subcommands
 
 Handler = Callable[[argparse.Namespace], None]
 
@@ -37,39 +38,9 @@ def _synth_data(args: argparse.Namespace) -> None:
     print(f"synthetic dataset written to {out}: {args.train} train and {args.test} test examples")
 
 
-def _settings_command(
-    parser: argparse.ArgumentParser, settings_class: type[BaseSettings], run: Callable[[BaseSettings], None]
-) -> None:
-    """A flag for every settings field (flags override ``CPPO_*`` variables, which override defaults)."""
-    flags = CliSettingsSource(settings_class, root_parser=parser)
-    parser.set_defaults(
-        handler=lambda args: run(settings_class(_cli_settings_source=flags(parsed_args=args)))
-    )
-
-
-def _serve_rollouts(settings: BaseSettings) -> None:
-    from rollout_server.main import serve
-
-    serve(settings)
-
-
-def _serve_rewards(settings: BaseSettings) -> None:
-    from reward_server.main import serve
-
-    serve(settings)
-
-
 def _openapi(args: argparse.Namespace) -> None:
-    # Building an app loads no model and starts no worker: that happens at start-up.
-    if args.service == "rollout-server":
-        from rollout_server.app import create_app as create_rollout_app
-
-        app = create_rollout_app(RolloutSettings(model="MODEL"))
-    else:
-        from reward_server.app import create_app as create_reward_app
-
-        app = create_reward_app(RewardSettings())
-    print(json.dumps(app.openapi(), indent=2, sort_keys=True))
+    schema = entry_points(group="cppo.openapi")[args.service].load()()
+    print(json.dumps(schema, indent=2, sort_keys=True))
 
 
 def _describe(error: ValidationError) -> str:
@@ -88,13 +59,7 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cppo",
-        description="Contrastive Perception Policy Optimization for vision-language models.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_shared_commands(commands: Subcommands) -> None:
     tiny = commands.add_parser(
         "tiny-model",
         help="build a tiny random Qwen2.5-VL (model, tokenizer, processor) offline",
@@ -129,69 +94,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.set_defaults(handler=_synth_data)
 
-    rollout = commands.add_parser(
-        "rollout-server",
-        help="serve a VLM: rollouts with perturbed views, OpenAI chat completions, weight updates",
-        description="Serve a vision-language model over HTTP. Every flag can also be set as an environment "
-        "variable: --max-batch-size is CPPO_ROLLOUT_MAX_BATCH_SIZE.",
-    )
-    _settings_command(rollout, RolloutSettings, _serve_rollouts)
 
-    reward = commands.add_parser(
-        "reward-server",
-        help="serve reward functions: /v1/score and OpenRLHF's /get_reward",
-        description="Score model responses over HTTP. Every flag can also be set as an environment "
-        "variable: --workers is CPPO_REWARD_WORKERS.",
-    )
-    _settings_command(reward, RewardSettings, _serve_rewards)
-
-    from trainer.main import add_train_arguments, run_export, run_stack_up, run_train
-
-    train = commands.add_parser(
-        "train",
-        help="train a policy with GRPO, PAPO or CPPO against running rollout and reward servers",
-        description="Train with the config file and overrides. Launch several processes with torchrun, "
-        "deepspeed or accelerate launch (as `python -m trainer`); one process needs no launcher.",
-    )
-    add_train_arguments(train)
-    train.set_defaults(handler=run_train)
-
-    stack = commands.add_parser(
-        "stack",
-        help="run the whole system locally: servers as child processes, then training",
-        description="Manage a local stack.",
-    )
-    stack_commands = stack.add_subparsers(dest="stack_command", metavar="ACTION", required=True)
-    up = stack_commands.add_parser(
-        "up",
-        help="build missing demo inputs, start the servers, train, stop everything",
-        description="Build the tiny model and synthetic data if the config's local paths are missing, start "
-        "a rollout server and a reward server on free ports, train, and shut everything down.",
-    )
-    add_train_arguments(up)
-    up.set_defaults(handler=run_stack_up)
-
-    export = commands.add_parser(
-        "export",
-        help="write a checkpoint's policy as a Hugging Face folder the rollout server can serve",
-        description="Copy a checkpoint's policy (weights, config, processor) into a Hugging Face folder.",
-    )
-    export.add_argument("checkpoint", type=Path, help="a checkpoint folder (run_dir/checkpoints/step-...)")
-    export.add_argument("out", type=Path, help="output folder")
-    export.set_defaults(handler=run_export)
-
+def _add_openapi_command(commands: Subcommands) -> None:
     openapi = commands.add_parser(
         "openapi",
         help="print a service's OpenAPI schema (the API reference in docs/api)",
         description="Print the OpenAPI schema of a service as JSON.",
     )
-    openapi.add_argument("service", choices=("rollout-server", "reward-server"), help="the service")
+    services = [entry.name for entry in entry_points(group="cppo.openapi")]
+    openapi.add_argument("service", choices=services, help="the service")
     openapi.set_defaults(handler=_openapi)
+
+
+def build_parser(commands: Sequence[AddCommands] | None = None) -> argparse.ArgumentParser:
+    """The parser with the subcommands ``commands`` add; by default every one: shared's, then each installed
+    ``cppo.commands`` entry point's, then ``openapi``."""
+    if commands is None:
+        installed = [entry.load() for entry in entry_points(group="cppo.commands")]
+        commands = [_add_shared_commands, *installed, _add_openapi_command]
+    parser = argparse.ArgumentParser(
+        prog="cppo",
+        description="Contrastive Perception Policy Optimization for vision-language models.",
+    )
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in commands:
+        add(subcommands)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, commands: Sequence[AddCommands] | None = None) -> int:
+    """Run one ``cppo`` command line (``commands`` as in ``build_parser``); the exit code."""
+    args = build_parser(commands).parse_args(argv)
     handler: Handler = args.handler
     try:
         handler(args)

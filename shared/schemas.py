@@ -36,7 +36,7 @@ from shared.perturbations import SEED_LIMIT, TRANSFORMS_BY_KIND, ViewSpec
 MAX_PROMPTS_PER_REQUEST = 1024
 """Prompts in one rollout request."""
 MAX_SAMPLES_PER_PROMPT = 64
-"""Samples drawn per prompt and image view (``RolloutRequest.n``)."""
+"""Samples drawn per prompt and image variant (``RolloutRequest.n``)."""
 MAX_TOKENS = 32768
 """Tokens one sample may generate."""
 MAX_PROMPT_TOKENS = 131_072
@@ -78,9 +78,9 @@ MAX_TOP_K = 1 << 20
 TOKEN_ID_LIMIT = 2**31
 """Token ids are in ``[0, TOKEN_ID_LIMIT)``: they fit an int32, and vocabularies are far smaller."""
 
-ImageView = Literal["clean", "positive", "negative"]
+ImageVariant = Literal["clean", "positive", "negative"]
 """Which image a sample was drawn on: the original, or one of its perturbed views."""
-IMAGE_VIEWS: tuple[str, ...] = get_args(ImageView)
+IMAGE_VARIANTS: tuple[str, ...] = get_args(ImageVariant)
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
@@ -208,7 +208,7 @@ class SamplingParams(_Owned):
 # --- views ---------------------------------------------------------------------------------------
 
 
-class ViewRequest(_Owned):
+class ViewRecipe(_Owned):
     """Which perturbed view of each image to make."""
 
     transforms: list[Name] | None = Field(
@@ -222,19 +222,19 @@ class ViewRequest(_Owned):
     )
 
 
-class ViewsRequest(_Owned):
+class RequestedViews(_Owned):
     """The perturbed views to make of each prompt's images; a null kind is not made."""
 
-    positive: ViewRequest | None = Field(
-        default_factory=ViewRequest, description="Information-preserving view (I+), or null for none."
+    positive: ViewRecipe | None = Field(
+        default_factory=ViewRecipe, description="Information-preserving view (I+), or null for none."
     )
-    negative: ViewRequest | None = Field(
-        default_factory=ViewRequest, description="Information-removing view (I-), or null for none."
+    negative: ViewRecipe | None = Field(
+        default_factory=ViewRecipe, description="Information-removing view (I-), or null for none."
     )
 
     @field_validator("positive", "negative")
     @classmethod
-    def _transforms_of_kind(cls, view: ViewRequest | None, info: ValidationInfo) -> ViewRequest | None:
+    def _transforms_of_kind(cls, view: ViewRecipe | None, info: ValidationInfo) -> ViewRecipe | None:
         if view is None or view.transforms is None:
             return view
         allowed = TRANSFORMS_BY_KIND[info.field_name]
@@ -246,7 +246,7 @@ class ViewsRequest(_Owned):
         return view
 
 
-class View(_Owned):
+class PerturbedView(_Owned):
     """One perturbed view of one of a prompt's images, and how it was made."""
 
     kind: Literal["positive", "negative", "masked"] = Field(description="The perturbation kind.")
@@ -299,27 +299,27 @@ class RolloutPrompt(_Owned):
         return messages
 
     def image_urls(self) -> list[str]:
-        """The URLs of the prompt's images, in reading order: ``View.image_index`` counts in it."""
+        """The URLs of the prompt's images, in reading order: ``PerturbedView.image_index`` counts in it."""
         return [url for message in self.messages for url in message.image_urls()]
 
 
 class RolloutRequest(_Owned):
-    """``POST /v1/rollouts``: sample ``n`` responses per prompt and per image view in ``sample_on``."""
+    """``POST /v1/rollouts``: sample ``n`` responses per prompt and per image variant in ``sample_on``."""
 
     prompts: list[RolloutPrompt] = Field(
         min_length=1, max_length=MAX_PROMPTS_PER_REQUEST, description="The prompts; ids unique."
     )
     n: int = Field(
-        default=1, ge=1, le=MAX_SAMPLES_PER_PROMPT, description="Samples per prompt and per image view."
+        default=1, ge=1, le=MAX_SAMPLES_PER_PROMPT, description="Samples per prompt and per image variant."
     )
     sampling: SamplingParams = Field(default_factory=SamplingParams, description="How to sample.")
-    views: ViewsRequest = Field(
-        default_factory=ViewsRequest, description="Perturbed views to make and return with each prompt."
+    views: RequestedViews = Field(
+        default_factory=RequestedViews, description="Perturbed views to make and return with each prompt."
     )
-    sample_on: list[ImageView] = Field(
+    sample_on: list[ImageVariant] = Field(
         default_factory=lambda: ["clean"],
         min_length=1,
-        max_length=len(IMAGE_VIEWS),
+        max_length=len(IMAGE_VARIANTS),
         description="Images to sample on: the clean prompt, and any requested view in place of its images.",
     )
 
@@ -331,11 +331,13 @@ class RolloutRequest(_Owned):
 
     @field_validator("sample_on")
     @classmethod
-    def _sample_on_requested_views(cls, sample_on: list[ImageView], info: ValidationInfo) -> list[ImageView]:
+    def _sample_on_requested_views(
+        cls, sample_on: list[ImageVariant], info: ValidationInfo
+    ) -> list[ImageVariant]:
         if len(set(sample_on)) != len(sample_on):
-            raise ValueError(f"sample_on lists an image view more than once: {sample_on}")
+            raise ValueError(f"sample_on lists an image variant more than once: {sample_on}")
         # Missing when `views` failed validation itself; that error is reported on its own.
-        views: ViewsRequest | None = info.data.get("views")
+        views: RequestedViews | None = info.data.get("views")
         for view in sample_on:
             if view != "clean" and views is not None and getattr(views, view) is None:
                 raise ValueError(f"sample_on has {view!r} but views.{view} is null; request that view")
@@ -347,9 +349,9 @@ class Sample(_Owned):
 
     prompt_id: Id = Field(description="The prompt it answers.")
     sample_index: int = Field(
-        ge=0, lt=MAX_SAMPLES_PER_PROMPT, description="Index among the prompt's samples on this image view."
+        ge=0, lt=MAX_SAMPLES_PER_PROMPT, description="Index among the prompt's samples on this image variant."
     )
-    image_view: ImageView = Field(default="clean", description="The image it was sampled on.")
+    sampled_on: ImageVariant = Field(default="clean", description="The image it was sampled on.")
     token_ids: list[TokenId] = Field(max_length=MAX_TOKENS, description="The generated tokens.")
     text: Text = Field(description="The generated tokens, detokenised.")
     logprobs: list[FiniteFloat] = Field(
@@ -380,12 +382,12 @@ class PromptRollout(_Owned):
     prompt_token_ids: list[TokenId] = Field(
         max_length=MAX_PROMPT_TOKENS, description="The clean prompt's tokens, chat template applied."
     )
-    views: list[View] = Field(
+    views: list[PerturbedView] = Field(
         default_factory=list, max_length=MAX_VIEWS_PER_PROMPT, description="The views made of its images."
     )
     samples: list[Sample] = Field(
-        max_length=len(IMAGE_VIEWS) * MAX_SAMPLES_PER_PROMPT,
-        description="``n`` samples per image view sampled on.",
+        max_length=len(IMAGE_VARIANTS) * MAX_SAMPLES_PER_PROMPT,
+        description="``n`` samples per image variant sampled on.",
     )
 
     @field_validator("samples")

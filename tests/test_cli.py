@@ -21,7 +21,17 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_the_subcommands():
     result = run("--help")
     assert result.returncode == 0
-    for command in ("tiny-model", "synth-data"):
+    # The services' commands come from entry points: this shows the installed metadata has them.
+    for command in (
+        "tiny-model",
+        "synth-data",
+        "rollout-server",
+        "reward-server",
+        "train",
+        "stack",
+        "export",
+        "openapi",
+    ):
         assert command in result.stdout
     assert "--profile" in run("tiny-model", "--help").stdout
 

@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainer.objective import (
+    ALGORITHMS,
+    Algorithm,
     ObjectiveConfig,
     ObjectiveInputs,
     clipped_policy_loss,
@@ -21,6 +23,7 @@ from trainer.objective import (
     k3_divergence,
     logprobs_and_entropy,
     masked_mean,
+    metric_names,
     perception_token_mask,
     policy_objective,
     reference_kl,
@@ -337,16 +340,22 @@ def _batch(requires_grad: bool = True) -> ObjectiveInputs:
     logp, logp_old, advantages, mask = _policy_case()
     logp = torch.where(mask, logp, torch.zeros_like(logp)).requires_grad_(requires_grad)
     return ObjectiveInputs(
-        logp=logp,
+        logp={
+            "clean": logp,
+            "positive": (logp.detach() - 0.1).requires_grad_(requires_grad),
+            "negative": (logp.detach() - 0.7).requires_grad_(requires_grad),
+            "masked": (logp.detach() - 0.3).requires_grad_(requires_grad),
+        },
+        # Row 0 tokens: ΔH = [1, 2] → s = [1/3, 2/3]; c = 2, k = 1 → token 1. Row 1 has Â < 0: gated out.
+        entropy={
+            "clean": t([[2.0, 1.0, 0.0], [1.0, 1.0, 0.0]]),
+            "positive": t([[2.0, 1.0, 0.0], [1.0, 1.0, 0.0]]),
+            "negative": t([[3.0, 3.0, 0.0], [2.0, 3.0, 0.0]]),
+            "masked": t([[2.5, 1.5, 0.0], [1.5, 1.5, 0.0]]),
+        },
         logp_old=logp_old,
         advantages=advantages,
         response_mask=mask,
-        logp_positive=(logp.detach() - 0.1).requires_grad_(requires_grad),
-        logp_negative=(logp.detach() - 0.7).requires_grad_(requires_grad),
-        # Row 0 tokens: ΔH = [1, 2] → s = [1/3, 2/3]; c = 2, k = 1 → token 1. Row 1 has Â < 0: gated out.
-        entropy=t([[2.0, 1.0, 0.0], [1.0, 1.0, 0.0]]),
-        entropy_negative=t([[3.0, 3.0, 0.0], [2.0, 3.0, 0.0]]),
-        logp_masked=(logp.detach() - 0.3).requires_grad_(requires_grad),
         logp_ref=logp.detach() + 0.2,
     )
 
@@ -355,7 +364,7 @@ def test_grpo_objective_is_the_policy_loss():
     loss, metrics = policy_objective(_batch(), ObjectiveConfig(algorithm="grpo"))
     assert loss.item() == pytest.approx(1.1, abs=1e-5)
     assert metrics["clip_fraction"].item() == pytest.approx(0.25)
-    assert set(metrics) == {"policy_loss", "clip_fraction", "loss"}
+    assert set(metrics) == {"pg_loss", "clip_fraction", "loss"}
 
 
 def test_cppo_objective_by_hand():
@@ -369,10 +378,10 @@ def test_cppo_objective_by_hand():
     assert loss.item() == pytest.approx(1.168565, abs=1e-5)
     assert metrics["perception_token_fraction"].item() == pytest.approx(0.25)
     # mean ΔH over the valid tokens: (1 + 2 + 1 + 2) / 4 = 1.5
-    assert metrics["entropy_shift"].item() == pytest.approx(1.5)
+    assert metrics["entropy_shift_mean"].item() == pytest.approx(1.5)
     loss.backward()
-    for view in (batch.logp, batch.logp_positive, batch.logp_negative):
-        assert view.grad[0, 1] != 0
+    for name in ("clean", "positive", "negative"):
+        assert batch.logp[name].grad[0, 1] != 0
 
 
 def test_papo_objective_by_hand():
@@ -396,11 +405,34 @@ def test_missing_inputs_are_named():
     batch.logp_ref = None
     with pytest.raises(ValueError, match="logp_ref"):
         policy_objective(batch, ObjectiveConfig(algorithm="grpo", beta=0.1))
-    batch.entropy_negative = None
-    with pytest.raises(ValueError, match="entropy_negative"):
+    del batch.entropy["negative"]
+    with pytest.raises(ValueError, match="negative"):
         policy_objective(batch, ObjectiveConfig(algorithm="cppo"))
-    with pytest.raises(ValueError, match="algorithm"):
-        policy_objective(_batch(), ObjectiveConfig(algorithm="ppo"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="algorithm must be one of grpo, papo, cppo"):
+        policy_objective(_batch(), ObjectiveConfig(algorithm="ppo"))
+
+
+def test_the_algorithm_table_says_what_each_algorithm_needs_and_reports():
+    assert ALGORITHMS["grpo"].passes == ("clean",)
+    assert ALGORITHMS["papo"].passes == ("clean", "masked")
+    assert ALGORITHMS["cppo"].passes == ("clean", "positive", "negative")
+    for name, algorithm in ALGORITHMS.items():
+        batch = _batch()
+        # Only the passes the table names: a term that reads another one fails here.
+        batch.logp = {p: batch.logp[p] for p in algorithm.passes}
+        batch.entropy = {p: batch.entropy[p] for p in algorithm.passes}
+        _, metrics = policy_objective(batch, ObjectiveConfig(algorithm=name))
+        assert set(metrics) == {"pg_loss", "clip_fraction", "loss", *algorithm.metrics}
+        assert set(metrics) <= set(metric_names())
+
+
+def test_a_term_must_report_the_metrics_the_table_names(monkeypatch):
+    def term(inputs, config):
+        return torch.zeros(()), {"something_else": torch.zeros(())}
+
+    monkeypatch.setitem(ALGORITHMS, "toy", Algorithm(passes=("clean",), term=term, metrics=("toy_metric",)))
+    with pytest.raises(ValueError, match="toy_metric"):
+        policy_objective(_batch(), ObjectiveConfig(algorithm="toy"))
 
 
 # --- helpers -------------------------------------------------------------------------------------

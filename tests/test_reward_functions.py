@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,16 +15,22 @@ from pydantic import ValidationError
 
 from reward_server.config import PAPER_REWARD, RewardSettings, parse_reward_spec
 from reward_server.examples.length_penalty import length_penalty
-from reward_server.functions import (
-    BUILTINS,
+from reward_server.plugins import PluginError, load_registry
+from reward_server.registry import (
     ItemProblem,
     Registry,
+    RewardFunction,
     ScoringError,
     Task,
+    combine,
+    defined_in,
+    evaluate,
+    reward_function,
+)
+from reward_server.rewards import (
+    BUILTINS,
     box_iou,
     choice_reward,
-    combine,
-    evaluate,
     exact_reward,
     extract_answer,
     format_reward,
@@ -33,9 +40,12 @@ from reward_server.functions import (
     nesting_depth,
     numeric_reward,
     parse_number,
-    reward_function,
 )
-from reward_server.plugins import PluginError, load_registry
+
+
+def marked(fn: Callable[..., float]) -> RewardFunction:
+    """What the registry knows of a function marked in this module."""
+    return next(function for function in defined_in(__name__) if function.fn is fn)
 
 
 def boxed(answer: str) -> str:
@@ -402,7 +412,7 @@ def test_evaluate_refuses_non_numbers_and_names_the_function():
     def thrower(response: str, ground_truth: str) -> float:
         raise RuntimeError("boom")
 
-    registry = Registry([*BUILTINS, nan_maker.__cppo_reward__, thrower.__cppo_reward__])
+    registry = Registry([*BUILTINS, marked(nan_maker), marked(thrower)])
     with pytest.raises(ScoringError, match="nan_maker returned nan, not a finite number"):
         evaluate(registry, registry.plan("nan_maker", "r", "")[1])
     with pytest.raises(ScoringError, match="thrower failed: RuntimeError: boom"):
@@ -414,7 +424,7 @@ def test_functions_with_a_meta_parameter_receive_the_whole_meta():
     def mentions_question(response: str, ground_truth: str, meta: dict | None = None) -> float:
         return 1.0 if (meta or {}).get("question", "\0") in response else 0.0
 
-    registry = Registry([mentions_question.__cppo_reward__])
+    registry = Registry([marked(mentions_question)])
     _, task = registry.plan("mentions_question", "why is the sky blue? because", "", {"question": "sky"})
     assert evaluate(registry, task) == {"mentions_question": 1.0}
 
@@ -472,7 +482,7 @@ def test_registry_lists_functions_with_parameters():
 
 PLUGIN = """
 from reward_server.plugins import reward_function
-from reward_server.functions import math_reward  # imported, not defined here: not registered again
+from reward_server.rewards import math_reward  # imported, not defined here: not registered again
 
 @reward_function("shouty", needs_ground_truth=False)
 def shouty(response: str, ground_truth: str, threshold: float = 0.5) -> float:
@@ -534,6 +544,15 @@ def test_broken_or_clashing_plugins_are_refused(tmp_path: Path):
     )
     with pytest.raises(PluginError, match="two reward functions are called 'math'"):
         load_registry([str(clash)])
+
+
+def test_a_plugin_fixed_after_failing_registers_its_functions_once(tmp_path: Path):
+    path = tmp_path / "flaky.py"
+    path.write_text(PLUGIN + "raise RuntimeError('not yet')\n")
+    with pytest.raises(PluginError, match="not yet"):
+        load_registry([str(path)])
+    path.write_text(PLUGIN)  # the same module name again: its functions replace the first run's
+    assert "shouty" in load_registry([str(path)])
 
 
 # --- settings ------------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from servers import metric, running_server
 
-from reward_server.app import openrlhf_response
 from reward_server.config import RewardSettings
-from reward_server.functions import Task
 from reward_server.main import serve
 from reward_server.pool import Outcome, WorkerPool
+from reward_server.registry import Task
+from reward_server.service import openrlhf_response
 from shared.launch import Service, free_port
 from shared.schemas import MAX_SCORE_ITEMS, MAX_TEXT_CHARS, OpenRLHFRewardResponse, ScoreResponse
 

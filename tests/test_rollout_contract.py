@@ -169,7 +169,7 @@ def test_rollouts_have_the_requested_shape_and_views(server, examples):
     for prompt, example in zip(result.prompts, examples, strict=True):
         assert [s.sample_index for s in prompt.samples] == [0, 1, 2]
         for sample in prompt.samples:
-            assert sample.image_view == "clean" and sample.policy_version == 0
+            assert sample.sampled_on == "clean" and sample.policy_version == 0
             assert 1 <= len(sample.token_ids) <= 5 and len(sample.logprobs) == len(sample.token_ids)
             assert all(lp <= 0 for lp in sample.logprobs)
             assert sample.finish_reason in ("stop", "length")
@@ -231,7 +231,7 @@ def test_sampling_on_views_tags_each_sample(server, examples):
         "sample_on": ["clean", "positive", "negative"],
     }
     samples = rollout(server, body).prompts[0].samples
-    assert [(s.image_view, s.sample_index) for s in samples] == [
+    assert [(s.sampled_on, s.sample_index) for s in samples] == [
         ("clean", 0),
         ("clean", 1),
         ("positive", 0),

@@ -204,7 +204,7 @@ def test_ready_reports_a_model_that_failed_to_load(tmp_path):
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 for _ in range(200):
                     ready = await client.get("/ready")
-                    if app.state.load_error is not None:
+                    if app.state.startup.error is not None:
                         break
                     await asyncio.sleep(0.05)
                 return ready, await client.post("/v1/rollouts", json={"prompts": []})

@@ -20,8 +20,10 @@ from shared.schemas import (
     ImagePart,
     OpenRLHFRewardRequest,
     OpenRLHFRewardResponse,
+    PerturbedView,
     PromptRollout,
     Readiness,
+    RequestedViews,
     RolloutPrompt,
     RolloutRequest,
     RolloutResponse,
@@ -30,8 +32,6 @@ from shared.schemas import (
     ScoreItem,
     ScoreRequest,
     ScoreResponse,
-    View,
-    ViewsRequest,
     WeightsStatus,
     WeightsUpdate,
 )
@@ -162,9 +162,9 @@ def test_sample_on_must_be_distinct_known_views(sample_on: list[str]) -> None:
 
 
 def test_view_transforms_must_belong_to_the_kind() -> None:
-    field, _, message = only_error(ViewsRequest, {"positive": {"transforms": ["rotation", "zoom_crop"]}})
+    field, _, message = only_error(RequestedViews, {"positive": {"transforms": ["rotation", "zoom_crop"]}})
     assert field == "positive" and "'zoom_crop'" in message
-    views = ViewsRequest.model_validate({"negative": {"transforms": ["zoom_crop"]}})
+    views = RequestedViews.model_validate({"negative": {"transforms": ["zoom_crop"]}})
     assert views.negative is not None and views.negative.transforms == ["zoom_crop"]
 
 
@@ -223,24 +223,24 @@ def test_samples_must_belong_to_their_prompt() -> None:
 
 def test_view_spec_kind_must_match() -> None:
     spec = {"kind": "negative", "transform": "zoom_crop", "params": {"box": [0, 0, 8, 8]}, "seed": 1}
-    field, _, message = only_error(View, {"kind": "positive", "image_url": IMAGE_URL, "spec": spec})
+    field, _, message = only_error(PerturbedView, {"kind": "positive", "image_url": IMAGE_URL, "spec": spec})
     assert field == "spec" and "'negative'" in message
 
 
 def test_view_image_must_be_a_data_url() -> None:
     spec = ViewSpec(kind="positive", transform="rotation", params={"angle": 2.0}, seed=1)
     data = {"kind": "positive", "image_url": "http://x/y.png", "spec": spec}
-    assert only_error(View, data)[0] == "image_url"
+    assert only_error(PerturbedView, data)[0] == "image_url"
 
 
 def test_rollout_response_round_trips_through_json() -> None:
     views = [
-        View(
+        PerturbedView(
             kind="positive",
             image_url=IMAGE_URL,
             spec=ViewSpec(kind="positive", transform="rotation", params={"angle": -4.25}, seed=17),
         ),
-        View(
+        PerturbedView(
             kind="negative",
             image_url=IMAGE_URL,
             spec=ViewSpec(
@@ -252,7 +252,7 @@ def test_rollout_response_round_trips_through_json() -> None:
         ),
     ]
     samples = [
-        Sample.model_validate(sample(sample_index=i, image_view=view, logprobs=[-0.1, -1e-9, -12.5]))
+        Sample.model_validate(sample(sample_index=i, sampled_on=view, logprobs=[-0.1, -1e-9, -12.5]))
         for view in ("clean", "positive")
         for i in range(2)
     ]
@@ -360,7 +360,7 @@ def test_error_response_and_health() -> None:
 def test_every_field_is_documented() -> None:
     """Descriptions end up in the OpenAPI docs, which need each model's JSON schema."""
     models = [
-        RolloutRequest, RolloutResponse, PromptRollout, Sample, View, ViewsRequest, SamplingParams,
+        RolloutRequest, RolloutResponse, PromptRollout, Sample, PerturbedView, RequestedViews, SamplingParams,
         ChatMessage, WeightsUpdate, WeightsStatus, ScoreRequest, ScoreItem, ScoreResponse,
         OpenRLHFRewardRequest, OpenRLHFRewardResponse, ErrorResponse, Health, Readiness,
     ]  # fmt: skip

@@ -153,6 +153,37 @@ def test_training_steps_sync_weights_checkpoint_and_export(tmp_path, inputs, ser
     assert loaded.status_code == 200, loaded.text
 
 
+# A fourth algorithm, added to the table the way a user would: one entry and its term.
+TOY_ALGORITHM = """
+import sys
+from trainer.config import load_config
+from trainer.loop import train
+from trainer.objective import ALGORITHMS, Algorithm, masked_mean
+
+def toy_term(inputs, config):
+    # The passes the entry names, and no others: the rollout request asked for I+ and not for I-.
+    assert set(inputs.logp) == {"clean", "positive"}, sorted(inputs.logp)
+    gap = masked_mean(inputs.logp["clean"] - inputs.logp["positive"], inputs.response_mask)
+    return 0.5 * gap, {"toy_gap": gap.detach()}
+
+ALGORITHMS["toy"] = Algorithm(passes=("clean", "positive"), term=toy_term, metrics=("toy_gap",))
+train(load_config(sys.argv[1], ["objective.algorithm=toy"]))
+"""
+
+
+def test_an_algorithm_added_to_the_table_trains(tmp_path, inputs, servers):
+    config = _config(tmp_path, inputs, [servers["rollout"].url], servers["reward"].url, train={"steps": 1})
+    done = _train(str(config), launcher=[sys.executable, "-c", TOY_ALGORITHM])
+    assert done.returncode == 0, done.stderr
+    (step,) = _metrics(tmp_path / "run")
+    assert step["step"] == 1 and step["rows"] == 16
+    # I+ changes the image tokens, so the log-probs move; the term entered the loss with weight 0.5.
+    assert step["toy_gap"] != 0
+    assert step["loss"] == pytest.approx(step["pg_loss"] + 0.5 * step["toy_gap"], abs=1e-6)
+    # Every algorithm's columns are logged; the ones this algorithm does not have are null.
+    assert step["cpl_loss"] is None and step["perception_kl"] is None
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [

@@ -13,8 +13,8 @@ from shared.schemas import ChatMessage, ImagePart, ImageURL, PromptRollout, Samp
 from shared.tiny_model import build_tiny_model
 from shared.vlm import load_model, load_processor
 from trainer.data import Example
-from trainer.engine import teacher_forced_logits
 from trainer.experience import collate, make_rows
+from trainer.policy import teacher_forced_logits
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def _rows_for(rewards: dict[str, list[float]]):
     from trainer.experience import Row
 
     return [
-        Row(prompt_id=pid, prompt={}, response_ids=[1], rollout_logprobs=[0.0], policy_version=0, reward=r)
+        Row(prompt_id=pid, prompt={}, response_ids=[1], rollout_logprobs=[0.0], reward=r)
         for pid, values in rewards.items()
         for r in values
     ]
@@ -113,7 +113,7 @@ def test_group_advantages_and_dropped_groups(monkeypatch):
 
     rows = _rows_for({"p": [1.0, 0.0, 0.0, 0.0], "q": [1.0, 1.0, 1.0, 1.0]})
     monkeypatch.setattr(loop, "make_rows", lambda *args: rows)
-    batch = ScoredBatch(step=1, prompt_ids=["p", "q"], data_position={}, examples=[], rollouts=[], rewards={})
+    batch = ScoredBatch(step=1, examples=[], rollouts=[], rewards={})
     kept, dropped, spare = loop.rows_with_advantages(None, batch, ("clean",), load_config(None))
     assert dropped == 0 and len(kept) == 8 and spare is rows[0]
     assert [round(r.advantage, 4) for r in kept[:4]] == [1.5, -0.5, -0.5, -0.5]

@@ -1,1 +1,1 @@
-"""The CPPO trainer: the objective and (later) the training loop."""
+"""The CPPO trainer: the objective, the training loop, its HTTP clients, DeepSpeed, checkpoints and logs."""

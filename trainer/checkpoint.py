@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from transformers import ProcessorMixin
 
-from trainer.engine import Policy, barrier, rank
+from trainer.distributed import barrier, rank
+from trainer.policy import Policy
 
 PREFIX = "step-"
 ENGINE_TAG = "engine"

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.schemas import MAX_SAMPLES_PER_PROMPT, MAX_TOKENS, ImageView
+from shared.schemas import MAX_SAMPLES_PER_PROMPT, MAX_TOKENS, ImageVariant
 from trainer.objective import ObjectiveConfig
 
 # The paper's instruction (CPPO, following PAPO and Vision-R1): reason in <think>, answer in \boxed{}.
@@ -104,6 +104,9 @@ class RewardConfig(Section):
     accuracy: str = Field(default="math", description="The reward component logged as accuracy.")
     timeout_s: float = Field(default=120.0, gt=0, description="Seconds one scoring request may take.")
     attempts: int = Field(default=4, ge=1, le=20, description="Tries per scoring request.")
+    ready_timeout_s: float = Field(
+        default=600.0, gt=0, description="Seconds to wait for the reward server's workers."
+    )
 
 
 class TrainLoopConfig(Section):
@@ -176,7 +179,7 @@ class EvalConfig(Section):
     samples: int = Field(
         default=4, ge=1, le=MAX_SAMPLES_PER_PROMPT, description="k of avg@k (sampled accuracy)."
     )
-    removed_view: ImageView = Field(
+    removed_view: ImageVariant = Field(
         default="negative", description="The view whose greedy accuracy the perception gap subtracts."
     )
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from shared.images import encode_image_data_url
 from shared.schemas import ChatMessage, ImagePart, ImageURL, RolloutPrompt, TextPart
+from trainer.config import DataConfig
 
 IMAGE_PLACEHOLDER = "<image>"
 REQUIRED_COLUMNS = ("problem", "answer", "images")
@@ -151,6 +152,15 @@ class PromptStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def evaluation_examples(dataset: Dataset, root: Path, instruction: str, count: int) -> list[Example]:
+def training_prompts(data: DataConfig, seed: int) -> PromptStream:
+    """The train split as the loop reads it, from its start: the same prompts for the same seed."""
+    split = load_split(data.path, data.train_split, data.tasks)
+    return PromptStream(split, Path(data.path), data.instruction, seed, data.shuffle)
+
+
+def evaluation_examples(data: DataConfig, count: int) -> list[Example]:
     """The first ``count`` test prompts: the same ones at every evaluation."""
-    return [make_example(dataset[i], i, root, instruction) for i in range(min(count, len(dataset)))]
+    split = load_split(data.path, data.test_split, data.tasks)
+    return [
+        make_example(split[i], i, Path(data.path), data.instruction) for i in range(min(count, len(split)))
+    ]

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from statistics import fmean
 
-from shared.schemas import PromptRollout, RolloutRequest, SamplingParams, ScoreItem, ViewRequest, ViewsRequest
+from shared.schemas import (
+    PromptRollout,
+    RequestedViews,
+    RolloutRequest,
+    SamplingParams,
+    ScoreItem,
+    ViewRecipe,
+)
 from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
 from trainer.data import Example
@@ -33,7 +40,7 @@ def _accuracy(
         )
         for r in rollouts
         for s in r.samples
-        if s.image_view == view
+        if s.sampled_on == view
     ]
     results = rewards.score(items)
     return fmean(r.components.get(config.reward.accuracy, 0.0) for r in results) if results else float("nan")
@@ -50,9 +57,9 @@ def evaluate(
             prompts=chunk,
             n=1,
             sampling=SamplingParams(temperature=0.0, max_tokens=config.rollout.max_tokens),
-            views=ViewsRequest(
-                positive=ViewRequest(seed=seed) if removed == "positive" else None,
-                negative=ViewRequest(seed=seed) if removed == "negative" else None,
+            views=RequestedViews(
+                positive=ViewRecipe(seed=seed) if removed == "positive" else None,
+                negative=ViewRecipe(seed=seed) if removed == "negative" else None,
             ),
             sample_on=["clean", removed],
         ),
@@ -68,7 +75,7 @@ def evaluate(
                 max_tokens=config.rollout.max_tokens,
                 seed=seed,
             ),
-            views=ViewsRequest(positive=None, negative=None),
+            views=RequestedViews(positive=None, negative=None),
         ),
     )
     clean = _accuracy(config, rewards, examples, greedy, "clean")

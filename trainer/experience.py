@@ -1,16 +1,16 @@
 """From rollouts and rewards to the tensors of the update: one row per sampled response.
 
-Each row keeps the prompt's inputs under every image the objective needs (clean, I⁺, I⁻, and PAPO's
-masked view), made locally by the model's processor from the images the rollout server returned, so the
-teacher-forced passes see exactly the pixels the views were defined by. Rows are batched with the prompt
-left-padded and the response right-padded, so every response starts at the same column and the logits
-are only computed over the response.
+Each row keeps the prompt's inputs for every teacher-forced pass its algorithm runs (on the clean image, I⁺,
+I⁻, or PAPO's masked view), made locally by the model's processor from the images the rollout server
+returned, so that the passes see exactly the pixels the views were defined by. Rows are batched with the
+prompt left-padded and the response right-padded, so every response starts at the same column and the
+logits are only computed over the response.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -23,8 +23,8 @@ from shared.schemas import PromptRollout, Sample
 from shared.vlm import chat_template_messages
 from trainer.data import Example
 
-# The images of a prompt under each view the objective uses; "clean" is always there.
-Views = dict[str, tuple[Image.Image, ...]]
+# A prompt's images for each teacher-forced pass, by pass name; "clean" is always there.
+PassImages = dict[str, tuple[Image.Image, ...]]
 
 
 class ExperienceError(ValueError):
@@ -33,7 +33,7 @@ class ExperienceError(ValueError):
 
 @dataclass
 class PromptInputs:
-    """A prompt's processor outputs under one image view (batch dimension 1)."""
+    """A prompt's processor outputs under one pass's images (batch dimension 1)."""
 
     input_ids: Tensor
     mm_token_type_ids: Tensor
@@ -49,19 +49,17 @@ class Row:
     prompt: dict[str, PromptInputs]
     response_ids: list[int]
     rollout_logprobs: list[float]
-    policy_version: int
     reward: float
     advantage: float = 0.0
-    components: dict[str, float] = field(default_factory=dict)
 
 
-def views_of(example: Example, rollout: PromptRollout, wanted: Sequence[str], seed: int) -> Views:
-    """The prompt's images under each wanted view: clean from the dataset, I⁺/I⁻ as the server made them,
-    and PAPO's masked view made here (deterministic given the seed)."""
-    views: Views = {"clean": example.images}
+def pass_images(example: Example, rollout: PromptRollout, passes: Sequence[str], seed: int) -> PassImages:
+    """The prompt's images for each pass: clean from the dataset, I⁺/I⁻ as the server made them, and PAPO's
+    masked view made here (deterministic given the seed)."""
+    images: PassImages = {"clean": example.images}
     limits = ImageLimits()
     for kind in ("positive", "negative"):
-        if kind not in wanted:
+        if kind not in passes:
             continue
         made = sorted((v for v in rollout.views if v.kind == kind), key=lambda v: v.image_index)
         if len(made) != len(example.images):
@@ -69,22 +67,22 @@ def views_of(example: Example, rollout: PromptRollout, wanted: Sequence[str], se
                 f"prompt {rollout.prompt_id}: the server returned {len(made)} {kind} views "
                 f"for {len(example.images)} images"
             )
-        views[kind] = tuple(decode_image_url(view.image_url, limits) for view in made)
-    if "masked" in wanted:
-        views["masked"] = tuple(
+        images[kind] = tuple(decode_image_url(view.image_url, limits) for view in made)
+    if "masked" in passes:
+        images["masked"] = tuple(
             perturb(image, "masked", seed + i)[0] for i, image in enumerate(example.images)
         )
-    return views
+    return images
 
 
-def prompt_inputs(processor: ProcessorMixin, example: Example, views: Views) -> dict[str, PromptInputs]:
-    """Processor outputs of the prompt under each view; the token ids are the same under every view."""
+def prompt_inputs(processor: ProcessorMixin, example: Example, images: PassImages) -> dict[str, PromptInputs]:
+    """Processor outputs of the prompt for each pass; the token ids are the same in every pass."""
     text = processor.tokenizer.apply_chat_template(
         chat_template_messages(example.messages), tokenize=False, add_generation_prompt=True
     )
     made = {}
-    for name, images in views.items():
-        out = processor(text=[text], images=list(images) or None, return_tensors="pt")
+    for name, seen in images.items():
+        out = processor(text=[text], images=list(seen) or None, return_tensors="pt")
         made[name] = PromptInputs(
             input_ids=out["input_ids"][0],
             mm_token_type_ids=out.get("mm_token_type_ids", torch.zeros_like(out["input_ids"]))[0],
@@ -99,44 +97,42 @@ def make_rows(
     examples: Sequence[Example],
     rollouts: Sequence[PromptRollout],
     rewards: dict[tuple[str, int], tuple[float, dict[str, float]]],
-    wanted: Sequence[str],
+    passes: Sequence[str],
     seed: int,
 ) -> list[Row]:
     """One row per clean-image sample, with its reward; the prompt's tokens are checked against the
     server's, since a tokenizer mismatch would silently train on different sequences."""
     rows = []
     for index, (example, rollout) in enumerate(zip(examples, rollouts, strict=True)):
-        inputs = prompt_inputs(processor, example, views_of(example, rollout, wanted, seed + 1000 * index))
+        inputs = prompt_inputs(processor, example, pass_images(example, rollout, passes, seed + 1000 * index))
         if inputs["clean"].input_ids.tolist() != rollout.prompt_token_ids:
             raise ExperienceError(
                 f"prompt {rollout.prompt_id}: the trainer's prompt tokens differ from the rollout server's; "
                 "do both load the same tokenizer and chat template?"
             )
         for sample in _clean_samples(rollout):
-            reward, components = rewards[(rollout.prompt_id, sample.sample_index)]
+            reward, _ = rewards[(rollout.prompt_id, sample.sample_index)]
             rows.append(
                 Row(
                     prompt_id=rollout.prompt_id,
                     prompt=inputs,
                     response_ids=list(sample.token_ids),
                     rollout_logprobs=list(sample.logprobs),
-                    policy_version=sample.policy_version,
                     reward=reward,
-                    components=components,
                 )
             )
     return rows
 
 
 def _clean_samples(rollout: PromptRollout) -> list[Sample]:
-    return [s for s in rollout.samples if s.image_view == "clean" and s.token_ids]
+    return [s for s in rollout.samples if s.sampled_on == "clean" and s.token_ids]
 
 
 @dataclass
 class Batch:
     """Rows collated for the teacher-forced passes.
 
-    The prompts are stored once each (``inputs[view]``: left-padded ``input_ids``, ``attention_mask``,
+    The prompts are stored once each (``inputs[pass]``: left-padded ``input_ids``, ``attention_mask``,
     ``mm_token_type_ids``, and the images), and ``owner[b]`` says which prompt row ``b`` answers: the
     passes run each prompt once and continue it with all of its responses. Response tensors are ``[B, R]``.
     """
@@ -147,10 +143,9 @@ class Batch:
     response_mask: Tensor
     rollout_logprobs: Tensor
     advantages: Tensor
-    rows: int
 
 
-def collate(rows: Sequence[Row], views: Sequence[str], pad_id: int) -> Batch:
+def collate(rows: Sequence[Row], passes: Sequence[str], pad_id: int) -> Batch:
     """Left-pad the prompts and right-pad the responses, so that the responses share their columns."""
     prompts: dict[int, int] = {}
     for row in rows:
@@ -168,9 +163,9 @@ def collate(rows: Sequence[Row], views: Sequence[str], pad_id: int) -> Batch:
         mask[i, :length] = True
         logprobs[i, :length] = torch.tensor(row.rollout_logprobs)
     inputs = {}
-    for view in views:
+    for name in passes:
         ids, types, attention, pixels, grids = [], [], [], [], []
-        for prompt in (p[view] for p in unique):
+        for prompt in (p[name] for p in unique):
             pad = width_prompt - len(prompt.input_ids)
             ids.append(torch.cat([torch.full((pad,), pad_id), prompt.input_ids]))
             types.append(torch.cat([torch.zeros(pad, dtype=torch.long), prompt.mm_token_type_ids]))
@@ -180,12 +175,12 @@ def collate(rows: Sequence[Row], views: Sequence[str], pad_id: int) -> Batch:
             if prompt.pixel_values is not None and prompt.image_grid_thw is not None:
                 pixels.append(prompt.pixel_values)
                 grids.append(prompt.image_grid_thw)
-        inputs[view] = {
+        inputs[name] = {
             "input_ids": torch.stack(ids),
             "attention_mask": torch.stack(attention),
             "mm_token_type_ids": torch.stack(types),
         }
         if pixels:
-            inputs[view] |= {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
+            inputs[name] |= {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
     advantages = torch.tensor([row.advantage for row in rows], dtype=torch.float32)
-    return Batch(inputs, owner, response, mask, logprobs, advantages, len(rows))
+    return Batch(inputs, owner, response, mask, logprobs, advantages)

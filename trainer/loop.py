@@ -23,24 +23,17 @@ from trainer import checkpoint
 from trainer.checkpoint import TrainerState
 from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
-from trainer.data import PromptStream, evaluation_examples, load_split
-from trainer.engine import Policy, init_distributed, mean_over_ranks, rank, world_size
+from trainer.data import evaluation_examples, training_prompts
+from trainer.distributed import init_distributed, mean_over_ranks, rank, world_size
 from trainer.evaluate import evaluate
 from trainer.experience import Row, collate, make_rows
 from trainer.logs import RunLog, plot_curves, read_metrics, summary_table
-from trainer.objective import grpo_advantages
+from trainer.objective import ALGORITHMS, grpo_advantages, metric_names
+from trainer.policy import Policy
 from trainer.rollouts import Sampler, ScoredBatch, step_seed
 from trainer.sync import Publisher
 
 log = logging.getLogger(__name__)
-
-# The images each algorithm's teacher-forced passes need.
-VIEWS = {"grpo": ("clean",), "papo": ("clean", "masked"), "cppo": ("clean", "positive", "negative")}
-
-
-# The objective's metric names, as metrics.jsonl calls them.
-LOGGED_AS = {"policy_loss": "pg_loss", "entropy_shift": "entropy_shift_mean", "entropy": "entropy_mean"}
-ALWAYS_LOGGED = ("pg_loss", "kl_loss", "cpl_loss", "perception_token_fraction", "entropy_shift_mean")
 
 
 class StopTraining(ChildProcessError):
@@ -56,20 +49,9 @@ def train(
     torch.manual_seed(config.seed)
     console = Console(stderr=True)
     processor = load_processor(config.model.path)
-    views = VIEWS[config.objective.algorithm]
-    stream = PromptStream(
-        load_split(config.data.path, config.data.train_split, config.data.tasks),
-        Path(config.data.path),
-        config.data.instruction,
-        config.seed,
-        config.data.shuffle,
-    )
-    tests = evaluation_examples(
-        load_split(config.data.path, config.data.test_split, config.data.tasks),
-        Path(config.data.path),
-        config.data.instruction,
-        config.eval.prompts,
-    )
+    passes = ALGORITHMS[config.objective.algorithm].passes
+    stream = training_prompts(config.data, config.seed)
+    tests = evaluation_examples(config.data, config.eval.prompts)
     replicas, rewards = connect(config)
     policy = Policy(config, micro_batches_per_mini_batch(config), suppressed_token_ids(processor.tokenizer))
     state = TrainerState(step=0, policy_version=0, data=stream.state())
@@ -80,7 +62,7 @@ def train(
     # Replicas may hold newer weights than ours (a resumed run): publish ours under a newer version.
     version = publisher.publish(max([state.policy_version, *replicas.versions().values()]) + 1)
     run_log = RunLog(config, state.step, policy.deepspeed_config, console) if rank() == 0 else None
-    sampler = Sampler(config, replicas, rewards, stream, share_of, views)
+    sampler = Sampler(config, replicas, rewards, stream, share_of, passes)
     evaluation = Evaluator(config, replicas, rewards, tests)
     try:
         if state.step == 0 and config.eval.every:
@@ -89,7 +71,7 @@ def train(
             health_check()
             publisher.catch_up()
             batch = sampler.next(step, version)  # sample + score
-            rows, groups_dropped, spare = rows_with_advantages(processor, batch, views, config)  # advantages
+            rows, groups_dropped, spare = rows_with_advantages(processor, batch, passes, config)  # advantages
             started = time.perf_counter()
             metrics = update(policy, rows, spare, config, processor.tokenizer.pad_token_id)  # loss + step
             metrics["seconds_train"] = time.perf_counter() - started
@@ -134,7 +116,7 @@ def connect(config: TrainConfig) -> tuple[RolloutReplicas, RewardClient]:
     )
     rewards = RewardClient(reward.url, reward.api_key, reward.timeout_s, reward.attempts)
     replicas.wait_until_ready(rollout.ready_timeout_s)
-    rewards.wait_until_ready(rollout.ready_timeout_s)
+    rewards.wait_until_ready(reward.ready_timeout_s)
     return replicas, rewards
 
 
@@ -171,12 +153,12 @@ def record(run_log: RunLog | None, metrics: dict) -> None:
 
 
 def rows_with_advantages(
-    processor, batch: ScoredBatch, views: tuple[str, ...], config: TrainConfig
+    processor, batch: ScoredBatch, passes: tuple[str, ...], config: TrainConfig
 ) -> tuple[list[Row], int, Row]:
     """Training rows with Â = grpo_advantages per prompt (groups of equal rewards dropped if asked), the
     number dropped, and a row to run zero-weight passes on if this rank has none left."""
     seed = step_seed(config.seed, batch.step, 2)
-    rows = make_rows(processor, batch.examples, batch.rollouts, batch.rewards, views, seed)
+    rows = make_rows(processor, batch.examples, batch.rollouts, batch.rewards, passes, seed)
     kept, dropped = [], 0
     for prompt_id in dict.fromkeys(row.prompt_id for row in rows):
         group = [row for row in rows if row.prompt_id == prompt_id]
@@ -194,7 +176,7 @@ def update(policy: Policy, rows: list[Row], spare: Row, config: TrainConfig, pad
     """``mini_batches`` optimizer steps, each over a fixed number of micro-batches (padded with
     zero-weight passes where this rank has too few rows)."""
     micro_count = micro_batches_per_mini_batch(config)
-    views = VIEWS[config.objective.algorithm]
+    passes = ALGORITHMS[config.objective.algorithm].passes
     mini_batches = [rows[i :: config.train.mini_batches] for i in range(config.train.mini_batches)]
     old: dict[int, torch.Tensor] = {}
     if config.train.mini_batches > 1:
@@ -202,7 +184,7 @@ def update(policy: Policy, rows: list[Row], spare: Row, config: TrainConfig, pad
         for mini in mini_batches:
             for micro in _split(mini, micro_count):
                 if micro:
-                    logp, _ = policy.score_old(collate(micro, views, pad_id), ("clean",))["clean"]
+                    logp, _ = policy.score_old(collate(micro, passes, pad_id), ("clean",))["clean"]
                     for i, row in enumerate(micro):
                         old[id(row)] = logp[i, : len(row.response_ids)].cpu()
     totals: dict[str, float] = {}
@@ -210,15 +192,14 @@ def update(policy: Policy, rows: list[Row], spare: Row, config: TrainConfig, pad
         for micro in _split(mini, micro_count):
             weight = len(micro) / max(1, len(mini))
             placeholder = micro or [spare]
-            batch = collate(placeholder, views, pad_id)
+            batch = collate(placeholder, passes, pad_id)
             logp_old = _stack_old(old, micro, batch.response_ids.shape[1]) if old and micro else None
             metrics = policy.micro_step(batch, logp_old, weight, config.train.tis_cap)
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + weight * value / len(mini_batches)
     totals["grad_norm"] = policy.grad_norm()
-    logged = {LOGGED_AS.get(name, name): value for name, value in totals.items()}
     # Every run logs the same columns; a term its algorithm does not have is null.
-    return {name: logged.get(name, math.nan) for name in ALWAYS_LOGGED} | logged
+    return {name: totals.get(name, math.nan) for name in metric_names()} | totals
 
 
 def _split(rows: list[Row], parts: int) -> list[list[Row]]:

@@ -6,9 +6,15 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+
+from shared.commands import Subcommands
+
+if TYPE_CHECKING:  # trainer.config imports torch (through the objective): not for `cppo --help`
+    from trainer.config import TrainConfig
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,30 +47,30 @@ def _print_fields() -> None:
     Console().print(table)
 
 
-def run_train(args: argparse.Namespace) -> None:
+def _config(args: argparse.Namespace) -> TrainConfig | None:
+    """The run's config from the file and overrides; None once ``--help-config`` has listed the keys."""
     if args.help_config:
         _print_fields()
-        return
+        return None
     from trainer.config import load_config
 
     config = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from trainer.loop import train
+    return config
 
-    train(config, resume=args.resume)
+
+def run_train(args: argparse.Namespace) -> None:
+    if (config := _config(args)) is not None:
+        from trainer.loop import train
+
+        train(config, resume=args.resume)
 
 
 def run_stack_up(args: argparse.Namespace) -> None:
-    if args.help_config:
-        _print_fields()
-        return
-    from trainer.config import load_config
+    if (config := _config(args)) is not None:
+        from trainer.stack import stack_up
 
-    config = load_config(args.config, args.overrides)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from trainer.stack import stack_up
-
-    stack_up(config, resume=args.resume)
+        stack_up(config, resume=args.resume)
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -72,3 +78,38 @@ def run_export(args: argparse.Namespace) -> None:
 
     out = export(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} to {out}")
+
+
+def add_commands(commands: Subcommands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a policy with GRPO, PAPO or CPPO against running rollout and reward servers",
+        description="Train with the config file and overrides. Launch several processes with torchrun, "
+        "deepspeed or accelerate launch (as `python -m trainer`); one process needs no launcher.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train)
+
+    stack = commands.add_parser(
+        "stack",
+        help="run the whole system locally: servers as child processes, then training",
+        description="Manage a local stack.",
+    )
+    stack_commands = stack.add_subparsers(dest="stack_command", metavar="ACTION", required=True)
+    up = stack_commands.add_parser(
+        "up",
+        help="build missing demo inputs, start the servers, train, stop everything",
+        description="Build the tiny model and synthetic data if the config's local paths are missing, start "
+        "a rollout server and a reward server on free ports, train, and shut everything down.",
+    )
+    add_train_arguments(up)
+    up.set_defaults(handler=run_stack_up)
+
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint's policy as a Hugging Face folder the rollout server can serve",
+        description="Copy a checkpoint's policy (weights, config, processor) into a Hugging Face folder.",
+    )
+    export.add_argument("checkpoint", type=Path, help="a checkpoint folder (run_dir/checkpoints/step-...)")
+    export.add_argument("out", type=Path, help="output folder")
+    export.set_defaults(handler=run_export)

@@ -5,23 +5,20 @@ responses. ``response_mask`` is True on the valid response tokens (False on padd
 are of the *sampled* tokens, from logits divided by the rollout temperature. The three images are
 I (clean), I⁺ (information-preserving view) and I⁻ (information-removing view).
 
-Pure tensor functions only: no model, no I/O. ``policy_objective`` combines the terms for
-``grpo``, ``papo`` and ``cppo``.
+Pure tensor functions only: no model, no I/O. ``ALGORITHMS`` says what each algorithm (``grpo``,
+``papo``, ``cppo``) adds to the policy loss and which passes it needs; ``policy_objective`` combines them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
-
-Algorithm = Literal["grpo", "papo", "cppo"]
 
 LOG_RATIO_LIMIT = 20.0
 K3_LIMIT = 10.0
@@ -207,7 +204,9 @@ class ObjectiveConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    algorithm: Algorithm = Field(default="cppo", description="grpo, papo (PAPO) or cppo.")
+    algorithm: str = Field(
+        default="cppo", description="grpo, papo (PAPO) or cppo: a name in trainer.objective.ALGORITHMS."
+    )
     eps_low: float = Field(default=0.2, ge=0, lt=1, description="Lower PPO clip range ε_low.")
     eps_high: float = Field(default=0.2, ge=0, description="Upper PPO clip range ε_high.")
     dual_clip: float | None = Field(
@@ -231,38 +230,105 @@ class ObjectiveConfig(BaseModel):
         default=0.03, ge=0, description="PAPO: entropy weight η₂ on the masked image."
     )
 
+    @field_validator("algorithm")
+    @classmethod
+    def _known(cls, algorithm: str) -> str:
+        # Checked against the table at validation time, so that an algorithm added to it is accepted.
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
+        return algorithm
+
 
 @dataclass
 class ObjectiveInputs:
-    """One micro-batch, teacher-forced on the same token ids under each image.
+    """One micro-batch, teacher-forced on the same token ids under each pass's images.
 
-    ``logp`` is ℓ_t(I) (with gradient), ``logp_old`` the behaviour policy's (no gradient),
-    ``advantages`` ``[B]`` or ``[B, T]``. CPPO needs ``logp_positive``/``logp_negative`` (ℓ under
-    I⁺/I⁻, with gradient) and ``entropy``/``entropy_negative`` (H under I/I⁻). PAPO needs
-    ``logp_masked``. ``logp_ref`` is needed when β > 0.
+    ``logp[p]`` is ℓ_t and ``entropy[p]`` is H_t under pass ``p``'s images: ``clean`` (I) always, and the
+    passes ``ALGORITHMS`` names for the algorithm (``positive`` I⁺, ``negative`` I⁻, ``masked`` I_mask).
+    ``logp_old`` is the behaviour policy's (no gradient), ``advantages`` ``[B]`` or ``[B, T]``, and
+    ``logp_ref`` the reference policy's, needed when β > 0.
     """
 
-    logp: Tensor
+    logp: dict[str, Tensor]
+    entropy: dict[str, Tensor]
     logp_old: Tensor
     advantages: Tensor
     response_mask: Tensor
     logp_ref: Tensor | None = None
-    logp_positive: Tensor | None = None
-    logp_negative: Tensor | None = None
-    entropy: Tensor | None = None
-    entropy_negative: Tensor | None = None
-    logp_masked: Tensor | None = None
 
 
-def _require(inputs: ObjectiveInputs, algorithm: str, *names: str) -> list[Tensor]:
-    missing = [name for name in names if getattr(inputs, name) is None]
-    if missing:
-        raise ValueError(f"algorithm {algorithm!r} needs inputs {', '.join(missing)}")
-    return [getattr(inputs, name) for name in names]
+Term = Callable[[ObjectiveInputs, ObjectiveConfig], tuple[Tensor, dict[str, Tensor]]]
+"""What an algorithm adds to L_policy + β·L_KL, and the metrics it reports (detached scalars)."""
+
+
+def no_term(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO: L = L_policy + β·L_KL, nothing more."""
+    return torch.zeros((), device=inputs.logp["clean"].device), {}
+
+
+def papo_term(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """PAPO: −γ·KL_prcp + η₁·Ĥ(I) + η₂·Ĥ(I_mask)."""
+    logp, logp_masked, mask = inputs.logp["clean"], inputs.logp["masked"], inputs.response_mask
+    kl_prcp = implicit_perception_loss(logp, logp_masked, mask)
+    entropy_reg = double_entropy_loss(logp, logp_masked, mask, config.papo_eta_clean, config.papo_eta_masked)
+    term = -config.papo_gamma * kl_prcp + entropy_reg
+    return term, {"perception_kl": kl_prcp.detach(), "entropy_loss": entropy_reg.detach()}
+
+
+def cppo_term(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """CPPO: λ·L_CPL, on the perception tokens of the responses with Â > 0."""
+    mask = inputs.response_mask
+    entropy, entropy_negative = inputs.entropy["clean"], inputs.entropy["negative"]
+    perception = perception_token_mask(entropy, entropy_negative, mask, config.top_fraction)
+    perception = gate_by_advantage(perception, inputs.advantages)
+    logp = inputs.logp
+    cpl = contrastive_perception_loss(
+        logp["clean"], logp["positive"], logp["negative"], perception, config.tau
+    )
+    return config.cpl_coef * cpl, {
+        "cpl_loss": cpl.detach(),
+        "perception_token_fraction": masked_mean(perception.float(), mask).detach(),
+        "entropy_shift_mean": masked_mean(entropy_negative - entropy, mask).detach(),
+    }
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What an algorithm is to the trainer: the images its teacher-forced passes run on (the inputs its
+    term reads: ``ObjectiveInputs.logp`` and ``.entropy`` of each), its term, and the metrics it reports.
+
+    Passes: ``clean`` (I) first; ``positive`` (I⁺) and ``negative`` (I⁻) are made by the rollout server,
+    ``masked`` (PAPO's I_mask) by the trainer.
+    """
+
+    passes: tuple[str, ...]
+    term: Term
+    metrics: tuple[str, ...]
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "grpo": Algorithm(passes=("clean",), term=no_term, metrics=()),
+    "papo": Algorithm(passes=("clean", "masked"), term=papo_term, metrics=("perception_kl", "entropy_loss")),
+    "cppo": Algorithm(
+        passes=("clean", "positive", "negative"),
+        term=cppo_term,
+        metrics=("cpl_loss", "perception_token_fraction", "entropy_shift_mean"),
+    ),
+}
+"""Every algorithm the trainer runs, by the name ``objective.algorithm`` takes. A new one is an entry here
+and its term."""
+
+COMMON_METRICS = ("pg_loss", "clip_fraction", "kl_loss", "loss")
+"""What ``policy_objective`` reports for every algorithm (``kl_loss`` when β > 0)."""
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every metric some algorithm reports: each run logs all of them, null where its algorithm has none."""
+    return tuple(dict.fromkeys([*COMMON_METRICS, *(m for a in ALGORITHMS.values() for m in a.metrics)]))
 
 
 def policy_objective(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss to minimise and its parts, for ``config.algorithm``:
+    """L = L_policy + β·L_KL + the algorithm's term, and its parts:
 
     grpo:  L = L_policy + β·L_KL
     papo:  L = L_policy + β·L_KL − γ·KL_prcp + η₁·Ĥ(I) + η₂·Ĥ(I_mask)
@@ -270,9 +336,14 @@ def policy_objective(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[
 
     The metrics are detached scalars.
     """
+    algorithm = ALGORITHMS[config.algorithm]
+    missing = [p for p in algorithm.passes if p not in inputs.logp or p not in inputs.entropy]
+    if missing:
+        raise ValueError(f"algorithm {config.algorithm!r} needs the passes {', '.join(missing)}")
     mask = inputs.response_mask.bool()
+    logp = inputs.logp["clean"]
     policy_loss, clip_fraction = clipped_policy_loss(
-        inputs.logp,
+        logp,
         inputs.logp_old,
         inputs.advantages,
         mask,
@@ -281,36 +352,20 @@ def policy_objective(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[
         dual_clip=config.dual_clip,
     )
     loss = policy_loss
-    metrics = {"policy_loss": policy_loss.detach(), "clip_fraction": clip_fraction}
-
+    metrics = {"pg_loss": policy_loss.detach(), "clip_fraction": clip_fraction}
     if config.beta > 0:
-        (logp_ref,) = _require(inputs, "beta > 0", "logp_ref")
-        kl = reference_kl(inputs.logp, logp_ref, mask)
+        if inputs.logp_ref is None:
+            raise ValueError("beta > 0 needs logp_ref, the reference policy's log-probs")
+        kl = reference_kl(logp, inputs.logp_ref, mask)
         loss = loss + config.beta * kl
         metrics["kl_loss"] = kl.detach()
-
-    if config.algorithm == "papo":
-        (logp_masked,) = _require(inputs, "papo", "logp_masked")
-        kl_prcp = implicit_perception_loss(inputs.logp, logp_masked, mask)
-        entropy_reg = double_entropy_loss(
-            inputs.logp, logp_masked, mask, config.papo_eta_clean, config.papo_eta_masked
+    term, term_metrics = algorithm.term(inputs, config)
+    if set(term_metrics) != set(algorithm.metrics):
+        raise ValueError(
+            f"algorithm {config.algorithm!r} reported {sorted(term_metrics)}, not the metrics "
+            f"ALGORITHMS names: {sorted(algorithm.metrics)}"
         )
-        loss = loss - config.papo_gamma * kl_prcp + entropy_reg
-        metrics["perception_kl"] = kl_prcp.detach()
-        metrics["entropy_loss"] = entropy_reg.detach()
-    elif config.algorithm == "cppo":
-        logp_positive, logp_negative, entropy, entropy_negative = _require(
-            inputs, "cppo", "logp_positive", "logp_negative", "entropy", "entropy_negative"
-        )
-        perception = perception_token_mask(entropy, entropy_negative, mask, config.top_fraction)
-        perception = gate_by_advantage(perception, inputs.advantages)
-        cpl = contrastive_perception_loss(inputs.logp, logp_positive, logp_negative, perception, config.tau)
-        loss = loss + config.cpl_coef * cpl
-        metrics["cpl_loss"] = cpl.detach()
-        metrics["perception_token_fraction"] = masked_mean(perception.float(), mask).detach()
-        metrics["entropy_shift"] = masked_mean(entropy_negative - entropy, mask).detach()
-    elif config.algorithm != "grpo":
-        raise ValueError(f"algorithm must be one of grpo, papo, cppo; got {config.algorithm!r}")
-
+    loss = loss + term
+    metrics |= term_metrics
     metrics["loss"] = loss.detach()
     return loss, metrics

@@ -16,12 +16,12 @@ import numpy as np
 
 from shared.schemas import (
     PromptRollout,
+    RequestedViews,
     RolloutPrompt,
     RolloutRequest,
     SamplingParams,
     ScoreItem,
-    ViewRequest,
-    ViewsRequest,
+    ViewRecipe,
 )
 from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
@@ -33,14 +33,19 @@ Rewards = dict[tuple[str, int], tuple[float, dict[str, float]]]
 
 @dataclass
 class ScoredBatch:
-    """One step's prompts, their rollouts and the rewards of their clean-image samples."""
+    """One step's prompts (this rank's share), their rollouts and the rewards of their clean-image samples.
+
+    The bookkeeping fields default to empty, so a batch can be made from a rollout alone (as the bench does).
+    """
 
     step: int
-    prompt_ids: list[str]
-    data_position: dict[str, int]
     examples: list[Example]
     rollouts: list[PromptRollout]
     rewards: Rewards
+    prompt_ids: list[str] = field(default_factory=list)
+    """Every rank's prompt ids of the step, for the log."""
+    data_position: dict[str, int] = field(default_factory=dict)
+    """Where the prompt stream stands after the step, for its checkpoint."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -50,8 +55,10 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 def rollout_request(
-    config: TrainConfig, prompts: list[RolloutPrompt], seed: int, views: tuple[str, ...]
+    config: TrainConfig, prompts: list[RolloutPrompt], seed: int, passes: tuple[str, ...]
 ) -> RolloutRequest:
+    """Sample on the clean images; ask for the views that the algorithm's passes run on (explicit nulls:
+    a missing view would get the default transforms)."""
     rollout = config.rollout
     return RolloutRequest(
         prompts=prompts,
@@ -59,12 +66,12 @@ def rollout_request(
         sampling=SamplingParams(
             temperature=rollout.temperature, top_p=rollout.top_p, max_tokens=rollout.max_tokens, seed=seed
         ),
-        views=ViewsRequest(
-            positive=ViewRequest(transforms=rollout.positive_transforms, seed=seed)
-            if "positive" in views
+        views=RequestedViews(
+            positive=ViewRecipe(transforms=rollout.positive_transforms, seed=seed)
+            if "positive" in passes
             else None,
-            negative=ViewRequest(transforms=rollout.negative_transforms, seed=seed)
-            if "negative" in views
+            negative=ViewRecipe(transforms=rollout.negative_transforms, seed=seed)
+            if "negative" in passes
             else None,
         ),
     )
@@ -82,7 +89,7 @@ def score_items(
         )
         for r in rollouts
         for s in r.samples
-        if s.image_view == "clean"
+        if s.sampled_on == "clean"
     ]
 
 
@@ -92,7 +99,7 @@ def sample_and_score(
     rewards: RewardClient,
     examples: list[Example],
     seed: int,
-    views: tuple[str, ...],
+    passes: tuple[str, ...],
 ) -> tuple[list[PromptRollout], Rewards, dict[str, float]]:
     """Rollouts of the examples, each replica's answer scored while the others still generate."""
     by_id = {e.id: e for e in examples}
@@ -101,7 +108,7 @@ def sample_and_score(
     start = time.perf_counter()
     rollouts = replicas.rollouts(
         [e.rollout_prompt() for e in examples],
-        lambda chunk: rollout_request(config, chunk, seed, views),
+        lambda chunk: rollout_request(config, chunk, seed, passes),
         on_chunk=lambda chunk: scored.append(
             scoring.submit(rewards.score, score_items(config, by_id, chunk))
         ),
@@ -127,14 +134,14 @@ class Sampler:
         rewards: RewardClient,
         stream: PromptStream,
         share: Callable[[list[Example]], list[Example]],
-        views: tuple[str, ...],
+        passes: tuple[str, ...],
     ) -> None:
         self.config = config
         self.replicas = replicas
         self.rewards = rewards
         self.stream = stream
         self.share = share
-        self.views = views
+        self.passes = passes
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
         self.in_flight: deque[tuple[int, Future, list[Example], list[str], dict[str, int]]] = deque()
 
@@ -146,7 +153,7 @@ class Sampler:
         examples = self.share(everyone)
         seed = step_seed(self.config.seed, step)
         future = self.worker.submit(
-            sample_and_score, self.config, self.replicas, self.rewards, examples, seed, self.views
+            sample_and_score, self.config, self.replicas, self.rewards, examples, seed, self.passes
         )
         self.in_flight.append((step, future, examples, [e.id for e in everyone], position))
 
@@ -160,7 +167,7 @@ class Sampler:
         rollouts, rewards, seconds = future.result()
         rollouts, rewards, regenerated = self._refresh_stale(examples, rollouts, rewards, step, version)
         seconds["wait"] = time.perf_counter() - start
-        batch = ScoredBatch(step, prompt_ids, position, examples, rollouts, rewards, seconds)
+        batch = ScoredBatch(step, examples, rollouts, rewards, prompt_ids, position, seconds)
         batch.seconds["regenerated_prompts"] = regenerated
         return batch
 
@@ -182,7 +189,7 @@ class Sampler:
             self.rewards,
             [examples[i] for i in stale],
             step_seed(self.config.seed, step, salt=version),
-            self.views,
+            self.passes,
         )
         for i, fresh in zip(stale, again, strict=True):
             rollouts[i] = fresh

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from trainer.clients import RolloutReplicas
 from trainer.config import TrainConfig
-from trainer.engine import Policy, barrier, rank
+from trainer.distributed import barrier, rank
+from trainer.policy import Policy
 
 log = logging.getLogger(__name__)
 

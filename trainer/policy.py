@@ -1,14 +1,12 @@
 """The policy under DeepSpeed: teacher-forced passes, the update, and the full weights for publishing.
 
-One process or many (``deepspeed``, ``torchrun`` or ``accelerate launch`` set the usual ``RANK`` /
-``WORLD_SIZE`` variables); ZeRO stage 0-3 with optional CPU offload; bf16 on GPU, fp32 on CPU. The
-DeepSpeed config itself comes from ``trainer.ds_config``.
+ZeRO stage 0-3 with optional CPU offload; bf16 on GPU, fp32 on CPU. The DeepSpeed config itself comes from
+``trainer.ds_config``; the processes and their ranks from ``trainer.distributed``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,38 +14,14 @@ from pathlib import Path
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from shared.launch import free_port
 from shared.vlm import load_model
 from trainer.config import TrainConfig
+from trainer.distributed import rank, world_size
 from trainer.ds_config import deepspeed_config, use_bf16
 from trainer.experience import Batch
-from trainer.objective import ObjectiveInputs, logprobs_and_entropy, masked_mean, policy_objective
-
-
-def init_distributed() -> None:
-    """Join the launcher's process group; a plain ``python`` run is a group of one."""
-    for name, value in (
-        ("RANK", "0"),
-        ("LOCAL_RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-    ):
-        os.environ.setdefault(name, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+from trainer.objective import ALGORITHMS, ObjectiveInputs, logprobs_and_entropy, masked_mean, policy_objective
 
 
 class Policy:
@@ -78,42 +52,39 @@ class Policy:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if use_bf16(self.config) else torch.float32
 
-    def logprobs(self, model, batch: Batch, view: str) -> tuple[Tensor, Tensor]:
-        """ℓ_t and H_t of the response tokens under ``view``'s images, teacher-forced: ``[B, R]`` each."""
-        logits = teacher_forced_logits(model, batch.inputs[view], batch.owner, batch.response_ids, self.dtype)
+    def logprobs(self, model, batch: Batch, name: str) -> tuple[Tensor, Tensor]:
+        """ℓ_t and H_t of the response tokens in pass ``name``, teacher-forced: ``[B, R]`` each."""
+        logits = teacher_forced_logits(model, batch.inputs[name], batch.owner, batch.response_ids, self.dtype)
         ids = batch.response_ids.to(logits.device)
         return logprobs_and_entropy(logits, ids, self.temperature, self.suppressed_ids)
 
     @torch.no_grad()
-    def score_old(self, batch: Batch, views: tuple[str, ...]) -> dict[str, tuple[Tensor, Tensor]]:
+    def score_old(self, batch: Batch, passes: tuple[str, ...]) -> dict[str, tuple[Tensor, Tensor]]:
         """Log-probs and entropies under the current weights, without gradient (old and reference)."""
         self.engine.eval()
-        return {view: self.logprobs(self.engine, batch, view) for view in views}
+        return {name: self.logprobs(self.engine, batch, name) for name in passes}
 
     def micro_step(
         self, batch: Batch, logp_old: Tensor | None, weight: float, tis_cap: float | None
     ) -> dict[str, float]:
-        """Forward the views the objective needs, backward ``weight × loss``, and let DeepSpeed step at the
+        """Forward the passes the algorithm needs, backward ``weight × loss``, and let DeepSpeed step at the
         mini-batch boundary. ``logp_old`` None means this is the only pass over the batch, so the old
         policy is the current one and its log-probs are this pass's, detached."""
         self.engine.train()
-        algorithm = self.config.objective.algorithm
         mask = batch.response_mask.to(self.engine.device)
-        logp, entropy = self.logprobs(self.engine, batch, "clean")
-        old = logp.detach() if logp_old is None else logp_old.to(logp.device)
-        advantages = batch.advantages.to(logp.device)[:, None].expand_as(logp)
-        rollout = batch.rollout_logprobs.to(logp.device)
+        logp, entropy = {}, {}
+        for name in ALGORITHMS[self.config.objective.algorithm].passes:
+            logp[name], entropy[name] = self.logprobs(self.engine, batch, name)
+        clean = logp["clean"]
+        old = clean.detach() if logp_old is None else logp_old.to(clean.device)
+        advantages = batch.advantages.to(clean.device)[:, None].expand_as(clean)
+        rollout = batch.rollout_logprobs.to(clean.device)
         if tis_cap is not None:
             # Truncated importance sampling: the samples came from the rollout engine's numerics.
             advantages = advantages * torch.exp(old - rollout).clamp(max=tis_cap)
         inputs = ObjectiveInputs(
-            logp=logp, logp_old=old, advantages=advantages, response_mask=mask, entropy=entropy
+            logp=logp, entropy=entropy, logp_old=old, advantages=advantages, response_mask=mask
         )
-        if algorithm == "cppo":
-            inputs.logp_positive, _ = self.logprobs(self.engine, batch, "positive")
-            inputs.logp_negative, inputs.entropy_negative = self.logprobs(self.engine, batch, "negative")
-        elif algorithm == "papo":
-            inputs.logp_masked, _ = self.logprobs(self.engine, batch, "masked")
         if self.reference is not None:
             with torch.no_grad():
                 inputs.logp_ref, _ = self.logprobs(self.reference, batch, "clean")
@@ -129,7 +100,7 @@ class Policy:
                 )
             )
         self.engine.step()
-        metrics["entropy"] = masked_mean(entropy.detach(), mask)
+        metrics["entropy_mean"] = masked_mean(entropy["clean"].detach(), mask)
         metrics["rollout_logprob_gap"] = masked_mean((old - rollout).abs(), mask)
         return {name: float(value) for name, value in metrics.items()}
 
@@ -219,18 +190,3 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
         seen.add(key)
         state[name] = tensor.detach().to("cpu", copy=True)
     return state
-
-
-def barrier() -> None:
-    if dist.is_initialized() and world_size() > 1:
-        dist.barrier()
-
-
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each metric averaged over the ranks (the same keys on every rank)."""
-    if world_size() == 1:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return {k: float(v) / world_size() for k, v in zip(keys, tensor.tolist(), strict=True)}

@@ -1,0 +1,53 @@
+"""The trainer's processes: joining the launcher's group, who is who, and averaging metrics over ranks.
+
+One process or many (``deepspeed``, ``torchrun`` or ``accelerate launch`` set the usual ``RANK`` /
+``WORLD_SIZE`` variables).
+"""
+
+from __future__ import annotations
+
+import os
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from shared.launch import free_port
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group; a plain ``python`` run is a group of one."""
+    for name, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the ranks (the same keys on every rank)."""
+    if world_size() == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return {k: float(v) / world_size() for k, v in zip(keys, tensor.tolist(), strict=True)}
