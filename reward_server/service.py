@@ -45,6 +45,7 @@ class RewardService:
         return self
 
     def readiness(self) -> Readiness:
+        """``/ready``'s body: the live workers and the reward functions."""
         names = ", ".join(self.registry.names())
         detail = f"{self.pool.alive} of {self.pool.size} workers; reward functions: {names}"
         return Readiness(ready=True, detail=detail)

@@ -153,6 +153,7 @@ class RolloutService:
         self.loaded_at = datetime.now(UTC)
 
     def readiness(self) -> Readiness:
+        """``/ready``'s body: what is served, on which backend, at which policy version."""
         detail = f"{self.settings.name()} on {self.backend.name}"
         return Readiness(ready=True, detail=detail, policy_version=self.version)
 
