@@ -104,7 +104,14 @@ from trainer.experience import Row
 from trainer.loop import connect, micro_batches_per_mini_batch, quiet_libraries, rows_with_advantages, update
 from trainer.objective import ALGORITHMS as OBJECTIVES
 from trainer.policy import Policy
-from trainer.rollouts import ScoredBatch, rollout_request, sample_and_score, score_items, step_seed
+from trainer.rollouts import (
+    ScoredBatch,
+    prompt_views,
+    rollout_request,
+    sample_and_score,
+    score_items,
+    step_seed,
+)
 from trainer.sync import Publisher
 
 HTTP_SHARE_TARGET = 0.05
@@ -385,10 +392,11 @@ def serialisation(shape: Shape, algorithm: str, repeats: int) -> dict[str, float
     made = [v.image_url for r in rollouts for v in r.views]
     used = [v.image_url for r in rollouts for v in r.views if v.kind in views]
     view_images = [decode_image_url(url, limits) for url in made]
-    prompts = [e.rollout_prompt() for e in shape.examples]
+    prompts = [e.rollout_prompt(prompt_views(config, e, shape.seed, views)) for e in shape.examples]
     work = {
+        # As trainer.clients sends it: explicit nulls, since a missing view means the default transforms.
         "client JSON: rollout request": lambda: (
-            rollout_request(config, prompts, shape.seed, views).model_dump_json(exclude_none=True).encode()
+            rollout_request(config, prompts, shape.seed).model_dump_json().encode()
         ),
         "client JSON: rollout response": lambda: RolloutResponse.model_validate_json(rollout_answer),
         "client JSON: score request": lambda: (

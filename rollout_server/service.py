@@ -47,6 +47,7 @@ from shared.schemas import (
     PerturbedView,
     PromptRollout,
     Readiness,
+    RequestedViews,
     RolloutRequest,
     RolloutResponse,
     Sample,
@@ -188,7 +189,7 @@ class RolloutService:
         )
         views = await asyncio.gather(
             *(
-                asyncio.to_thread(self._views, request, p.prompt_id, imgs)
+                asyncio.to_thread(self._views, p.views or request.views, p.prompt_id, imgs)
                 for p, imgs in zip(request.prompts, images, strict=True)
             )
         )
@@ -236,11 +237,11 @@ class RolloutService:
         return RolloutResponse(policy_version=version, prompts=results)
 
     def _views(
-        self, request: RolloutRequest, prompt_id: str, images: list[Image.Image]
+        self, requested: RequestedViews, prompt_id: str, images: list[Image.Image]
     ) -> dict[str, list[tuple[Image.Image, object]]]:
         made = {}
         for kind in ("positive", "negative"):
-            wanted = getattr(request.views, kind)
+            wanted = getattr(requested, kind)
             if wanted is None:
                 continue
             made[kind] = [

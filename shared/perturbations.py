@@ -12,6 +12,14 @@ two kinds of perturbed views:
 
 A third kind, ``masked``, is PAPO's patch blackening: it is neither set, and is offered for baselines.
 
+Each kind *accepts* the transforms in :data:`TRANSFORMS_BY_KIND` and draws from the official recipe's
+set, :data:`DEFAULT_TRANSFORMS_BY_KIND`, when none are named. The official I⁻ views were made for
+diagrams where small marks carry the answer; on an image where one large shape carries it they remove
+nothing. The other accepted I⁻ transforms each remove one kind of answer from such an image, to be
+chosen per example: ``grey_out`` its colour, ``pixelate`` and ``heavy_blur`` its outline, ``cutout``
+most of its objects, ``mirror_average`` its side. The official recipe's light Gaussian blur is accepted
+as I⁺ but, as there, not drawn by default.
+
 Every view keeps the input's size and is RGB. A view is described by a :class:`ViewSpec` (the kind, the
 transform, every drawn parameter and the seed); :func:`perturb` draws the spec with
 ``numpy.random.default_rng(seed)`` and applies it, and :func:`apply_spec` rebuilds the same bytes from
@@ -26,11 +34,20 @@ from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import pydantic
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 
 PerturbationKind = Literal["positive", "negative", "masked"]
-POSITIVE_TRANSFORMS: tuple[str, ...] = ("colour_jitter", "perspective", "rotation", "gaussian_blur")
-NEGATIVE_TRANSFORMS: tuple[str, ...] = ("noise_occlusion", "zoom_crop")
+DEFAULT_POSITIVE_TRANSFORMS: tuple[str, ...] = ("colour_jitter", "perspective", "rotation")
+DEFAULT_NEGATIVE_TRANSFORMS: tuple[str, ...] = ("noise_occlusion", "zoom_crop")
+POSITIVE_TRANSFORMS: tuple[str, ...] = (*DEFAULT_POSITIVE_TRANSFORMS, "gaussian_blur")
+NEGATIVE_TRANSFORMS: tuple[str, ...] = (
+    *DEFAULT_NEGATIVE_TRANSFORMS,
+    "grey_out",
+    "pixelate",
+    "heavy_blur",
+    "cutout",
+    "mirror_average",
+)
 MASKED_TRANSFORMS: tuple[str, ...] = ("patch_blackening",)
 
 KINDS: tuple[str, ...] = get_args(PerturbationKind)
@@ -39,6 +56,13 @@ TRANSFORMS_BY_KIND: dict[str, tuple[str, ...]] = {
     "negative": NEGATIVE_TRANSFORMS,
     "masked": MASKED_TRANSFORMS,
 }
+"""The transforms each kind accepts."""
+DEFAULT_TRANSFORMS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "positive": DEFAULT_POSITIVE_TRANSFORMS,
+    "negative": DEFAULT_NEGATIVE_TRANSFORMS,
+    "masked": MASKED_TRANSFORMS,
+}
+"""The transforms each kind draws from when none are named: the official recipe's sets."""
 SEED_LIMIT = 2**63
 """Seeds are in ``[0, SEED_LIMIT)``: any non-negative signed 64-bit integer."""
 
@@ -53,6 +77,12 @@ BLUR_SIGMA = 1.0
 OCCLUSION_PATCHES = 50
 OCCLUSION_SIDE_RANGE = (0.05, 0.15)
 ZOOM_FRACTION_RANGE = (0.6, 0.7)
+GREY_LEVEL_RANGE = (64, 160)
+GREY_TOLERANCE = 10
+PIXELATE_CELLS = 2
+HEAVY_BLUR_FRACTION_RANGE = (0.12, 0.18)
+CUTOUT_CELLS = 4
+CUTOUT_FILLED = 12
 MASK_PATCH_SIZE = 14
 MASK_PROBABILITY = 0.6
 
@@ -286,6 +316,118 @@ def _draw_zoom_crop(rng: np.random.Generator, size: Size) -> Params:
     return {"image_size": list(size), "box": [left, top, left + crop_width, top + crop_height]}
 
 
+def grey_out(image: Image.Image, level: int, tolerance: int) -> Image.Image:
+    """Set every pixel that is not background to the one grey ``level``: removes the content's colour.
+
+    Background is the border colour (:func:`_border_colour`); a pixel is background when each channel is
+    within ``tolerance`` of it. Plain greyscale would keep each colour's luminance, and a policy can learn
+    to read the colour from that; one level for all content leaves only the outlines. The tolerance is
+    small, so an antialiased edge pixel with a few percent of a shape's colour already goes grey. Drawn:
+    ``level`` uniform in 64..160, a mid grey that stays visible on a white or a black background;
+    ``tolerance`` always 10.
+    """
+    pixels = np.array(image)
+    background = np.array(_border_colour(image), dtype=np.int16)
+    content = (np.abs(pixels.astype(np.int16) - background) > tolerance).any(axis=-1)
+    pixels[content] = level
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def _draw_grey_out(rng: np.random.Generator, size: Size) -> Params:
+    low, high = GREY_LEVEL_RANGE
+    return {"level": int(rng.integers(low, high + 1)), "tolerance": GREY_TOLERANCE}
+
+
+def _cell_starts(length: int, block: int, offset: int) -> np.ndarray:
+    """Where each cell of a ``block``-pixel grid shifted by ``offset`` starts along a side of ``length``.
+
+    The pixels before ``offset`` form a partial first cell; the last cell may be partial too.
+    """
+    return np.unique(np.r_[0, np.arange(offset, length, block)])
+
+
+def pixelate(image: Image.Image, block: int, offset: list[int]) -> Image.Image:
+    """Replace each ``block`` x ``block`` cell by its mean colour: removes outlines and small marks.
+
+    The grid is shifted right and down by ``offset`` ([x, y]) pixels; the edge cells may be partial. A
+    shape becomes a few flat cells of its colour blended with the background (blending with a grey
+    background keeps the hue), still on its side, but its outline is gone. Drawn: 2 cells along the
+    shorter side (``block`` = half that side, rounded up), as large as the synthetic shapes (2/3 of the
+    side), since with smaller cells the pattern of cells still draws the outline; and an offset uniform
+    in [0, block) on each axis, so that where the cell edges cut a shape does not follow from where the
+    shape is.
+    """
+    pixels = np.asarray(image, dtype=np.float64)
+    rows = _cell_starts(image.height, block, offset[1])
+    columns = _cell_starts(image.width, block, offset[0])
+    heights = np.diff(np.r_[rows, image.height])
+    widths = np.diff(np.r_[columns, image.width])
+    sums = np.add.reduceat(np.add.reduceat(pixels, rows, axis=0), columns, axis=1)
+    means = np.rint(sums / (heights[:, None, None] * widths[None, :, None])).astype(np.uint8)
+    return Image.fromarray(means.repeat(heights, axis=0).repeat(widths, axis=1), mode="RGB")
+
+
+def _draw_pixelate(rng: np.random.Generator, size: Size) -> Params:
+    block = -(-min(size) // PIXELATE_CELLS)
+    offset = [int(rng.integers(0, block)), int(rng.integers(0, block))]
+    return {"image_size": list(size), "block": block, "offset": offset}
+
+
+def heavy_blur(image: Image.Image, sigma: float) -> Image.Image:
+    """Gaussian blur of standard deviation ``sigma`` pixels (PIL's GaussianBlur): removes outlines.
+
+    A shape turns into a round blob of its colour on its side of the image; corners and edges, which tell
+    a square from a circle, are gone. Drawn: ``sigma`` uniform in 12-18 % of the shorter side. PIL
+    approximates the Gaussian by repeated box blurs, whose cost does not grow with ``sigma``; the exact
+    separable kernel of :func:`gaussian_blur` would need hundreds of taps on a large image.
+    """
+    return image.filter(ImageFilter.GaussianBlur(sigma))
+
+
+def _draw_heavy_blur(rng: np.random.Generator, size: Size) -> Params:
+    return {"image_size": list(size), "sigma": float(rng.uniform(*HEAVY_BLUR_FRACTION_RANGE)) * min(size)}
+
+
+def cutout(image: Image.Image, grid: list[list[bool]]) -> Image.Image:
+    """Fill every cell whose ``grid[row][column]`` is true with the background: removes most objects.
+
+    The grid's rows and columns split the image's height and width as evenly as whole pixels allow, and
+    the fill is the border colour (:func:`_border_colour`), so a covered object is simply gone: noise
+    patches would read as extra objects, and black ones as dark objects. Drawn: a 4 x 4 grid with 12
+    cells filled, chosen uniformly, so 3/4 of the image is covered. Four cells per side match the grid
+    the synthetic counting images place their shapes on, so a shape is mostly kept or removed whole and
+    the number of shapes left says little about the number there were.
+    """
+    filled = np.asarray(grid, dtype=bool)
+    rows, columns = filled.shape
+    row_of = np.arange(image.height) * rows // image.height
+    column_of = np.arange(image.width) * columns // image.width
+    pixels = np.array(image)
+    pixels[filled[row_of[:, None], column_of[None, :]]] = _border_colour(image)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def _draw_cutout(rng: np.random.Generator, size: Size) -> Params:
+    grid = np.zeros(CUTOUT_CELLS * CUTOUT_CELLS, dtype=bool)
+    grid[rng.choice(grid.size, size=CUTOUT_FILLED, replace=False)] = True
+    return {"grid": grid.reshape(CUTOUT_CELLS, CUTOUT_CELLS).tolist()}
+
+
+def mirror_average(image: Image.Image) -> Image.Image:
+    """The mean of the image and its left-right mirror image, rounded half up: removes left and right.
+
+    The view is symmetric, and an image and its mirror image give the same view, so nothing in it says
+    which side a shape was on; the shape shows on both sides at half strength, its colour blended with
+    what is opposite. Nothing is drawn.
+    """
+    pixels = np.asarray(image, dtype=np.uint16)
+    return Image.fromarray(((pixels + pixels[:, ::-1] + 1) // 2).astype(np.uint8), mode="RGB")
+
+
+def _draw_mirror_average(rng: np.random.Generator, size: Size) -> Params:
+    return {}
+
+
 # --- masked (PAPO) -------------------------------------------------------------------------------
 
 
@@ -324,6 +466,11 @@ _TRANSFORMS: dict[str, _Transform] = {
     "gaussian_blur": _Transform(_draw_gaussian_blur, gaussian_blur),
     "noise_occlusion": _Transform(_draw_noise_occlusion, noise_occlusion),
     "zoom_crop": _Transform(_draw_zoom_crop, zoom_crop),
+    "grey_out": _Transform(_draw_grey_out, grey_out),
+    "pixelate": _Transform(_draw_pixelate, pixelate),
+    "heavy_blur": _Transform(_draw_heavy_blur, heavy_blur),
+    "cutout": _Transform(_draw_cutout, cutout),
+    "mirror_average": _Transform(_draw_mirror_average, mirror_average),
     "patch_blackening": _Transform(_draw_patch_blackening, patch_blackening),
 }
 
@@ -331,14 +478,14 @@ _TRANSFORMS: dict[str, _Transform] = {
 def draw_spec(
     size: Size, kind: PerturbationKind, seed: int, transforms: Sequence[str] | None = None
 ) -> ViewSpec:
-    """Draw one transform of ``kind`` (among ``transforms``, default all of the kind) and its parameters
-    for an image of ``size`` (width, height), with ``numpy.random.default_rng(seed)``."""
+    """Draw one transform of ``kind`` (among ``transforms``, default the kind's official set) and its
+    parameters for an image of ``size`` (width, height), with ``numpy.random.default_rng(seed)``."""
     _check_kind(kind)
     seed = _check_seed(seed)
     # A bare name would otherwise be read as a sequence of one-letter transform names.
     if isinstance(transforms, str):
         raise ValueError(f"transforms must be a sequence of names, not the string {transforms!r}")
-    candidates = TRANSFORMS_BY_KIND[kind] if transforms is None else tuple(transforms)
+    candidates = DEFAULT_TRANSFORMS_BY_KIND[kind] if transforms is None else tuple(transforms)
     if not candidates:
         raise ValueError(f"transforms must name at least one {kind} transform, got none")
     for name in candidates:
@@ -371,7 +518,7 @@ def apply_spec(image: Image.Image, spec: ViewSpec) -> Image.Image:
 def perturb(
     image: Image.Image, kind: PerturbationKind, seed: int, transforms: Sequence[str] | None = None
 ) -> tuple[Image.Image, ViewSpec]:
-    """Draw one transform from ``transforms`` (default: all of the kind's set) with a generator seeded by
-    ``seed``, draw its parameters, apply. Returns the view and the spec."""
+    """Draw one transform from ``transforms`` (default: the kind's official set) with a generator seeded
+    by ``seed``, draw its parameters, apply. Returns the view and the spec."""
     spec = draw_spec(image.size, kind, seed, transforms)
     return apply_spec(image, spec), spec

@@ -287,6 +287,11 @@ class RolloutPrompt(_Owned):
     messages: list[ChatMessage] = Field(
         min_length=1, max_length=MAX_MESSAGES, description="The conversation to continue."
     )
+    views: RequestedViews | None = Field(
+        default=None,
+        description="This prompt's perturbed views, in place of the request's `views`, so that one request "
+        "can hold prompts that need different transforms; absent or null takes the request's.",
+    )
 
     @field_validator("messages")
     @classmethod
@@ -336,11 +341,19 @@ class RolloutRequest(_Owned):
     ) -> list[ImageVariant]:
         if len(set(sample_on)) != len(sample_on):
             raise ValueError(f"sample_on lists an image variant more than once: {sample_on}")
-        # Missing when `views` failed validation itself; that error is reported on its own.
+        # Missing when `views` or `prompts` failed validation; that error is reported on its own.
         views: RequestedViews | None = info.data.get("views")
+        prompts: list[RolloutPrompt] = info.data.get("prompts") or []
         for view in sample_on:
-            if view != "clean" and views is not None and getattr(views, view) is None:
+            if view == "clean" or views is None:
+                continue
+            if any(p.views is None for p in prompts) and getattr(views, view) is None:
                 raise ValueError(f"sample_on has {view!r} but views.{view} is null; request that view")
+            for index, prompt in enumerate(prompts):
+                if prompt.views is not None and getattr(prompt.views, view) is None:
+                    raise ValueError(
+                        f"sample_on has {view!r} but prompts.{index}.views.{view} is null; request that view"
+                    )
         return sample_on
 
 

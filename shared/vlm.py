@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -19,6 +20,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
 )
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from shared.schemas import ChatMessage, ImagePart
 
@@ -79,6 +81,20 @@ def load_processor(path: str | Path) -> ProcessorMixin:
             f"cannot load an image processor from {path}: {stock_problem}; "
             f"the image-and-text fallback failed too: {error}"
         ) from error
+
+
+def processed_size(processor: ProcessorMixin, image: Image.Image) -> tuple[int, int]:
+    """The (width, height) the processor resizes ``image`` to before it cuts it into patches: a multiple of
+    patch × merge size on each side, within the processor's pixel bounds."""
+    images = processor.image_processor
+    height, width = smart_resize(
+        image.height,
+        image.width,
+        factor=images.patch_size * images.merge_size,
+        min_pixels=images.size["shortest_edge"],
+        max_pixels=images.size["longest_edge"],
+    )
+    return width, height
 
 
 def load_model(path: str | Path, **kwargs) -> PreTrainedModel:

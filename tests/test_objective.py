@@ -391,6 +391,20 @@ def test_papo_objective_by_hand():
     # ℓ_mask = ℓ − 0.3 everywhere: k3 = e^−0.3 + 0.3 − 1 = 0.040818 → L = 1.1 − 0.5 · 0.040818 = 1.079591
     assert metrics["perception_kl"].item() == pytest.approx(0.040818, abs=1e-5)
     assert loss.item() == pytest.approx(1.079591, abs=1e-5)
+    # PAPO's default: the masked-image log-probs get no gradient.
+    loss.backward()
+    assert batch.logp["masked"].grad is None and batch.logp["clean"].grad is not None
+
+
+def test_papo_masked_gradient_when_asked():
+    batch = _batch()
+    config = ObjectiveConfig(algorithm="papo", papo_gamma=0.5, papo_masked_grad=True)
+    loss, _ = policy_objective(batch, config)
+    loss.backward()
+    # ∂(−γ · mean k3)/∂ℓ_mask = −γ · (e^δ − 1) / 4 valid tokens, δ = −0.3: −0.5 · (−0.259182) / 4 = 0.032398
+    grad = batch.logp["masked"].grad
+    assert grad[batch.response_mask] == pytest.approx([0.032398] * 4, abs=1e-6)
+    assert (grad[~batch.response_mask] == 0).all()
 
 
 def test_reference_kl_enters_with_beta():

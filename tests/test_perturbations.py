@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pydantic
@@ -12,14 +14,19 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from shared.perturbations import (
+    DEFAULT_NEGATIVE_TRANSFORMS,
+    DEFAULT_POSITIVE_TRANSFORMS,
+    DEFAULT_TRANSFORMS_BY_KIND,
     MASKED_TRANSFORMS,
     NEGATIVE_TRANSFORMS,
     POSITIVE_TRANSFORMS,
+    TRANSFORMS_BY_KIND,
     ViewSpec,
     apply_spec,
     perturb,
 )
-from shared.synth_data import BACKGROUND, COLOURS, ShapeSpec, draw_shape, render
+from shared.schemas import RequestedViews
+from shared.synth_data import BACKGROUND, COLOURS, Example, ShapeSpec, draw_shape, generate, render
 
 KIND_OF = {
     **dict.fromkeys(POSITIVE_TRANSFORMS, "positive"),
@@ -27,6 +34,7 @@ KIND_OF = {
     **dict.fromkeys(MASKED_TRANSFORMS, "masked"),
 }
 ALL_TRANSFORMS = tuple(KIND_OF)
+INFORMATION_REMOVING = ("grey_out", "pixelate", "heavy_blur", "cutout", "mirror_average")
 SEEDS = range(20)
 # Below this chroma (max - min channel) a pixel's hue is mostly rounding noise: treat it as grey.
 MIN_CHROMA = 12
@@ -93,6 +101,23 @@ def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(pixels(a) - pixels(b)).mean())
 
 
+def content(image: Image.Image) -> np.ndarray:
+    """Where the image is not the synthetic background."""
+    return (pixels(image) != BACKGROUND).any(-1)
+
+
+def antialiased(colour: str) -> Image.Image:
+    """A 112 x 112 circle drawn at 4x and box-downsampled: its edge pixels blend shape and background."""
+    big = Image.new("RGB", (448, 448), BACKGROUND)
+    draw_shape(ImageDraw.Draw(big), ShapeSpec("circle", colour, (180, 240), 144))
+    return big.resize((112, 112), Image.Resampling.BOX)
+
+
+def synthetic(task: str, count: int = 12) -> list[Example]:
+    """``count`` examples of ``task``, rendered as the synthetic dataset renders them."""
+    return [example for example in generate("test", 4 * count, seed=0) if example.task == task]
+
+
 # --- sizes, modes and the transform sets -----------------------------------------------------------
 
 
@@ -116,14 +141,38 @@ def test_non_rgb_input_gives_rgb_view(mode: str) -> None:
         assert np.array_equal(np.asarray(apply_spec(image, spec)), np.asarray(out))
 
 
+def test_the_default_sets_are_the_official_ones_and_accepted() -> None:
+    assert DEFAULT_POSITIVE_TRANSFORMS == ("colour_jitter", "perspective", "rotation")
+    assert DEFAULT_NEGATIVE_TRANSFORMS == ("noise_occlusion", "zoom_crop")
+    assert set(POSITIVE_TRANSFORMS) == {*DEFAULT_POSITIVE_TRANSFORMS, "gaussian_blur"}
+    assert set(NEGATIVE_TRANSFORMS) == {*DEFAULT_NEGATIVE_TRANSFORMS, *INFORMATION_REMOVING}
+    assert DEFAULT_TRANSFORMS_BY_KIND["masked"] == TRANSFORMS_BY_KIND["masked"] == MASKED_TRANSFORMS
+
+
 @pytest.mark.parametrize(
     ("kind", "names"),
-    [("positive", POSITIVE_TRANSFORMS), ("negative", NEGATIVE_TRANSFORMS), ("masked", MASKED_TRANSFORMS)],
+    [
+        ("positive", DEFAULT_POSITIVE_TRANSFORMS),
+        ("negative", DEFAULT_NEGATIVE_TRANSFORMS),
+        ("masked", MASKED_TRANSFORMS),
+    ],
 )
-def test_default_draw_covers_exactly_the_kinds_set(kind: str, names: tuple[str, ...]) -> None:
+def test_default_draw_covers_exactly_the_kinds_official_set(kind: str, names: tuple[str, ...]) -> None:
+    """No transforms named: never the light blur for I⁺, never one of the added I⁻ transforms."""
     image = scene(56, 56)
     drawn = {perturb(image, kind, seed)[1].transform for seed in range(60)}
     assert drawn == set(names)
+
+
+@pytest.mark.parametrize("kind", ["positive", "negative"])
+def test_every_accepted_transform_can_be_drawn_and_requested(kind: str) -> None:
+    image = scene(56, 56)
+    accepted = TRANSFORMS_BY_KIND[kind]
+    drawn = {perturb(image, kind, seed, accepted)[1].transform for seed in range(80)}
+    assert drawn == set(accepted)
+    # A rollout request is checked against the same table.
+    views = RequestedViews.model_validate({kind: {"transforms": list(accepted)}})
+    assert getattr(views, kind).transforms == list(accepted)
 
 
 def test_transform_subset_is_respected() -> None:
@@ -157,6 +206,13 @@ def test_same_seed_same_bytes(transform: str) -> None:
         ("patch_blackening", 20),
         # Applied with probability 0.5: about half the seeds give the input back unchanged.
         ("perspective", 6),
+        # One of 97 grey levels: two of 20 seeds may draw the same.
+        ("grey_out", 16),
+        ("pixelate", 20),
+        ("heavy_blur", 20),
+        # Covering a cell of plain background changes nothing: grids that cover the same cells of the
+        # shape give the same view. (Their grids differ: see the test below.)
+        ("cutout", 10),
     ],
 )
 def test_different_seeds_give_different_views(transform: str, least_distinct: int) -> None:
@@ -165,9 +221,17 @@ def test_different_seeds_give_different_views(transform: str, least_distinct: in
     assert len(distinct) >= least_distinct
 
 
-def test_gaussian_blur_ignores_the_seed() -> None:
+@pytest.mark.parametrize("transform", ["grey_out", "pixelate", "heavy_blur", "cutout"])
+def test_different_seeds_draw_different_params(transform: str) -> None:
+    params = [view(scene(112, 112), transform, seed)[1].params for seed in SEEDS]
+    # grey_out draws one of 97 levels, so two of 20 seeds may share one.
+    assert len({json.dumps(p, sort_keys=True) for p in params}) >= 16
+
+
+@pytest.mark.parametrize("transform", ["gaussian_blur", "mirror_average"])
+def test_transforms_with_nothing_to_draw_ignore_the_seed(transform: str) -> None:
     image = scene(112, 112, "orange")
-    assert len({view(image, "gaussian_blur", seed)[0].tobytes() for seed in SEEDS}) == 1
+    assert len({view(image, transform, seed)[0].tobytes() for seed in SEEDS}) == 1
 
 
 @pytest.mark.parametrize("transform", ALL_TRANSFORMS)
@@ -378,6 +442,169 @@ def test_negative_views_change_much_more_than_a_blur(transform: str) -> None:
         assert difference >= 5 * blurred
 
 
+# --- the added information-removing views: each removes one answer of the synthetic tasks ----------
+
+
+@pytest.mark.parametrize("make", [lambda colour: scene(112, 112, colour, "triangle"), antialiased])
+def test_grey_out_views_do_not_depend_on_the_colour(make: Callable[[str], Image.Image]) -> None:
+    """Drawn shapes have hard edges. Box-downsampled ones have antialiased edges, whose faintest pixels
+    hold 1/16 of the shape's colour: at least 13 levels off the background, so they go grey too."""
+    for seed in range(5):
+        views = {colour: view(make(colour), "grey_out", seed) for colour in COLOURS}
+        first, spec = views["red"]
+        for out, _ in views.values():
+            assert out.tobytes() == first.tobytes(), spec.params
+        rgb, shape = pixels(first), content(make("red"))
+        assert (rgb[~shape] == BACKGROUND).all()
+        assert (rgb[shape] == spec.params["level"]).all()
+
+
+def test_grey_out_level_is_a_mid_grey_and_the_tolerance_is_fixed() -> None:
+    params = [view(scene(40, 40), "grey_out", seed)[1].params for seed in range(100)]
+    assert all(64 <= p["level"] <= 160 and p["tolerance"] == 10 for p in params)
+    assert len({p["level"] for p in params}) >= 40
+
+
+def test_grey_out_takes_the_background_from_the_border() -> None:
+    image = Image.new("RGB", (60, 40), (20, 30, 40))
+    ImageDraw.Draw(image).rectangle((10, 10, 30, 30), fill=(200, 30, 30))
+    image.putpixel((45, 20), (28, 38, 48))  # within the tolerance of the background: kept
+    out, spec = view(image, "grey_out", 2)
+    rgb, level = pixels(out), spec.params["level"]
+    assert (rgb[10:31, 10:31] == level).all()
+    assert tuple(rgb[20, 45]) == (28, 38, 48) and tuple(rgb[0, 0]) == (20, 30, 40)
+
+
+def equal_area_pair(centre: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
+    """A red circle and a red square of (almost) the same area about ``centre``: only the outline differs.
+
+    With equal areas the views cannot tell the two apart by how much colour there is, only by its shape.
+    """
+    circle = render([ShapeSpec("circle", "red", centre, 36)], size=112)
+    square = render([ShapeSpec("square", "red", centre, 32)], size=112)
+    assert abs(int(content(circle).sum()) - int(content(square).sum())) <= 0.02 * content(square).sum()
+    return circle, square
+
+
+@pytest.mark.parametrize("transform", ["pixelate", "heavy_blur"])
+@pytest.mark.parametrize("centre", [(38, 60), (74, 45), (56, 56)])
+def test_pixelate_and_heavy_blur_remove_the_outline(transform: str, centre: tuple[int, int]) -> None:
+    """The views of a circle and a square of equal area are much closer than the two images are.
+
+    Pixelate's worst case is a grid that cuts the shapes where their outlines differ most: then about
+    half the difference is left; on average less than a quarter.
+    """
+    circle, square = equal_area_pair(centre)
+    apart = mean_abs_diff(circle, square)
+    left = []
+    for seed in SEEDS:
+        circle_view, spec = view(circle, transform, seed)
+        left.append(mean_abs_diff(circle_view, view(square, transform, seed)[0]) / apart)
+        assert left[-1] <= 0.6, spec.params
+    assert np.mean(left) <= 0.3
+
+
+@pytest.mark.parametrize("transform", ["pixelate", "heavy_blur"])
+def test_pixelate_and_heavy_blur_keep_the_colour(transform: str) -> None:
+    """Over the shape, the view's mean colour is the shape's colour faded towards the grey background:
+    on the line between the two (so the hue is the shape's), and at least a quarter of the way out."""
+    background = np.array(BACKGROUND)
+    for example in synthetic("colour"):
+        shape = content(example.image)
+        paint = np.array(COLOURS[example.answer]) - background
+        for seed in SEEDS:
+            out, spec = view(example.image, transform, seed)
+            mean = pixels(out)[shape].mean(axis=0) - background
+            strength = mean @ paint / (paint @ paint)
+            assert strength >= 0.25, spec.params
+            assert np.abs(mean - strength * paint).max() <= 2, spec.params
+            assert dominant_family(out) == example.answer
+
+
+@pytest.mark.parametrize("transform", ["pixelate", "heavy_blur"])
+def test_pixelate_and_heavy_blur_keep_the_side(transform: str) -> None:
+    """The centre of the colour that differs from the background stays on the shape's half."""
+    for example in synthetic("position"):
+        image = example.image
+        columns = np.arange(image.width)
+        for seed in range(5):
+            weight = np.abs(pixels(view(image, transform, seed)[0]) - BACKGROUND).sum(axis=(0, 2))
+            centre = (weight * columns).sum() / weight.sum()
+            assert ("left" if centre < image.width / 2 else "right") == example.answer
+
+
+def test_pixelate_paints_each_cell_of_a_shifted_grid_its_mean_colour() -> None:
+    image = scene(120, 90, "green", "diamond")
+    for seed in range(10):
+        out, spec = view(image, "pixelate", seed)
+        block, (x, y) = spec.params["block"], spec.params["offset"]
+        assert block == 45 and 0 <= x < block and 0 <= y < block  # two cells along the shorter side
+        rows, columns = [0, *range(y, 90, block), 90], [0, *range(x, 120, block), 120]
+        for top, bottom in itertools.pairwise(rows):
+            for left, right in itertools.pairwise(columns):
+                cell = pixels(out)[top:bottom, left:right].reshape(-1, 3)
+                mean = pixels(image)[top:bottom, left:right].reshape(-1, 3).mean(axis=0)
+                assert (cell == np.rint(mean)).all()
+
+
+def test_heavy_blur_sigma_is_a_sizeable_fraction_of_the_shorter_side() -> None:
+    for seed in range(50):
+        sigma = view(scene(120, 90), "heavy_blur", seed)[1].params["sigma"]
+        assert 0.12 * 90 <= sigma <= 0.18 * 90
+
+
+@pytest.mark.parametrize("task", ["count", "shape"])
+def test_cutout_covers_most_of_the_content_with_background_only(task: str) -> None:
+    removed = []
+    for image in (example.image for example in synthetic(task)):
+        original = pixels(image)
+        shape = content(image)
+        for seed in range(5):
+            out, spec = view(image, "cutout", seed)
+            grid = np.array(spec.params["grid"], dtype=bool)
+            assert grid.shape == (4, 4) and grid.sum() == 12
+            covered = grid.repeat(28, axis=0).repeat(28, axis=1)  # 4 cells of 28 px across 112 px
+            rgb = pixels(out)
+            # No new colours: each pixel is the input's, or the background where a cell is covered.
+            assert (rgb[covered] == BACKGROUND).all()
+            assert (rgb[~covered] == original[~covered]).all()
+            removed.append((shape & covered).sum() / shape.sum())
+    assert np.mean(removed) >= 0.6
+
+
+def test_cutout_cells_split_any_size_evenly_and_fill_with_the_border_colour() -> None:
+    image = Image.new("RGB", (30, 21), (0, 90, 0))
+    ImageDraw.Draw(image).rectangle((2, 2, 27, 18), fill=(250, 250, 0))
+    out, spec = view(image, "cutout", 4)
+    grid = np.array(spec.params["grid"], dtype=bool)
+    rows = np.arange(21) * 4 // 21
+    columns = np.arange(30) * 4 // 30
+    assert sorted(np.bincount(rows)) == [5, 5, 5, 6] and sorted(np.bincount(columns)) == [7, 7, 8, 8]
+    covered = grid[rows[:, None], columns[None, :]]
+    rgb = pixels(out)
+    assert (rgb[covered] == (0, 90, 0)).all()
+    assert (rgb[~covered] == pixels(image)[~covered]).all()
+
+
+def test_mirror_average_removes_left_and_right() -> None:
+    for image in (example.image for example in synthetic("position")):
+        mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out = view(image, "mirror_average", 0)[0]
+        assert out.tobytes() == view(mirrored, "mirror_average", 0)[0].tobytes()
+        rgb = pixels(out)
+        assert (rgb == rgb[:, ::-1]).all()
+        # The shape's colour is still there, at half strength on each side.
+        assert dominant_family(out) == dominant_family(image)
+
+
+def test_mirror_average_is_the_rounded_mean() -> None:
+    row = np.array([[[0, 10, 255], [7, 8, 9], [100, 101, 102], [1, 11, 254]]], dtype=np.uint8)
+    out, spec = view(Image.fromarray(row), "mirror_average", 3)
+    assert spec.params == {}
+    expected = np.array([[[1, 11, 255], [54, 55, 56], [54, 55, 56], [1, 11, 255]]])
+    assert (pixels(out) == expected).all()
+
+
 # --- patch blackening (PAPO) -----------------------------------------------------------------------
 
 
@@ -422,6 +649,10 @@ def test_patch_blackening_leaves_unmasked_patches_untouched() -> None:
             {"kind": "masked", "seed": 0, "transforms": ["gaussian_blur"]},
             r"'gaussian_blur'.*patch_blackening",
         ),
+        (
+            {"kind": "positive", "seed": 0, "transforms": ["grey_out"]},
+            r"'grey_out' is a negative transform, not a positive one",
+        ),
         ({"kind": "negative", "seed": 0, "transforms": []}, r"at least one negative transform"),
         ({"kind": "positive", "seed": 0, "transforms": "rotation"}, r"sequence of names.*'rotation'"),
         ({"kind": "positive", "seed": -1}, r"non-negative.*-1"),
@@ -446,6 +677,7 @@ def test_spec_for_another_size_is_refused() -> None:
     [
         {"kind": "positive", "transform": "zoom_crop", "params": {}, "seed": 0},
         {"kind": "negative", "transform": "sharpen", "params": {}, "seed": 0},
+        {"kind": "positive", "transform": "cutout", "params": {"grid": [[True]]}, "seed": 0},
         {"kind": "other", "transform": "rotation", "params": {}, "seed": 0},
         {"kind": "positive", "transform": "rotation", "params": {"angle": 1.0}, "seed": -3},
     ],
@@ -458,19 +690,20 @@ def test_invalid_spec_from_the_wire_is_refused(fields: dict) -> None:
 # --- property --------------------------------------------------------------------------------------
 
 
-@settings(max_examples=25)
+@settings(max_examples=40)
 @given(
     seed=st.integers(0, 2**63 - 1),
     width=st.integers(28, 200),
     height=st.integers(28, 200),
     kind=st.sampled_from(["positive", "negative", "masked"]),
     colour=st.sampled_from(list(COLOURS)),
+    accepted=st.booleans(),
 )
 def test_any_seed_and_size_keeps_size_and_rebuilds(
-    seed: int, width: int, height: int, kind: str, colour: str
+    seed: int, width: int, height: int, kind: str, colour: str, accepted: bool
 ) -> None:
     image = scene(width, height, colour)
-    out, spec = perturb(image, kind, seed)
+    out, spec = perturb(image, kind, seed, TRANSFORMS_BY_KIND[kind] if accepted else None)
     assert out.size == (width, height) and out.mode == "RGB"
     rebuilt = apply_spec(image, ViewSpec.model_validate_json(spec.model_dump_json()))
     assert np.array_equal(np.asarray(rebuilt), np.asarray(out))

@@ -223,6 +223,35 @@ def test_seed_makes_samples_reproducible(server, examples):
     assert len({tuple(t) for t in first}) > 1, "the n samples of one request must differ"
 
 
+def test_views_per_prompt_follow_each_prompts_transforms(server, examples):
+    """One request, prompts of different tasks: each prompt's own views stand in for the request's."""
+    body = {
+        "prompts": [
+            {
+                **image_prompt("grey", examples[0].image, "What colour?"),
+                "views": {"negative": {"transforms": ["grey_out"]}, "positive": None},
+            },
+            {
+                **image_prompt("mirror", examples[1].image, "Left or right?"),
+                "views": {"negative": {"transforms": ["mirror_average"]}, "positive": None},
+            },
+            image_prompt("request", examples[2].image, "How many?"),
+        ],
+        "sampling": {"max_tokens": 2},
+        "views": {"positive": None, "negative": {"transforms": ["cutout"], "seed": 3}},
+        "sample_on": ["clean", "negative"],
+    }
+    result = rollout(server, body)
+    made = {p.prompt_id: [(v.kind, v.spec.transform) for v in p.views] for p in result.prompts}
+    assert made == {
+        "grey": [("negative", "grey_out")],
+        "mirror": [("negative", "mirror_average")],
+        "request": [("negative", "cutout")],
+    }
+    for prompt in result.prompts:
+        assert [s.sampled_on for s in prompt.samples] == ["clean", "negative"]
+
+
 def test_sampling_on_views_tags_each_sample(server, examples):
     body = {
         "prompts": [image_prompt("p", examples[2].image, "How many?")],

@@ -155,6 +155,31 @@ def test_sampling_on_requested_views() -> None:
     assert request.views.negative is None and request.sample_on == ["clean", "positive"]
 
 
+def test_views_per_prompt_stand_in_for_the_requests() -> None:
+    grey = {"negative": {"transforms": ["grey_out"]}, "positive": None}
+    mirror = {"negative": {"transforms": ["mirror_average"]}, "positive": None}
+    data = {
+        "prompts": [prompt("p0", views=grey), prompt("p1", views=mirror)],
+        "views": {"positive": None, "negative": None},
+        "sample_on": ["clean", "negative"],
+    }
+    request = RolloutRequest.model_validate(data)
+    assert [p.views.negative.transforms for p in request.prompts] == [["grey_out"], ["mirror_average"]]
+    # One prompt without a view of its own falls back to the request's, which has none: refused.
+    data["prompts"][1] = prompt("p1")
+    field, _, message = only_error(RolloutRequest, data)
+    assert field == "sample_on" and "views.negative is null" in message
+    # A prompt's own views that lack the view sampled on are refused, naming the prompt.
+    data["prompts"][1] = prompt("p1", views={"positive": None, "negative": None})
+    field, _, message = only_error(RolloutRequest, data)
+    assert field == "sample_on" and "prompts.1.views.negative" in message
+    # Transform names are checked per prompt as for the request.
+    field, _, message = only_error(
+        RolloutPrompt, prompt("p0", views={"negative": {"transforms": ["rotation"]}})
+    )
+    assert field == "views.negative" and "rotation" in message
+
+
 @pytest.mark.parametrize("sample_on", [[], ["clean", "clean"], ["blurred"]])
 def test_sample_on_must_be_distinct_known_views(sample_on: list[str]) -> None:
     field, _, _ = only_error(RolloutRequest, rollout_request(sample_on=sample_on))

@@ -223,12 +223,17 @@ def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: flo
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_continues_as_if_never_stopped(tmp_path, inputs, servers):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_resume_after_sigkill_continues_as_if_never_stopped(tmp_path, inputs, servers, staleness):
+    """A resumed run takes the same prompts at every step; on-policy, also the same rewards and weights.
+
+    With max_staleness 1, the step after the checkpoint was already sampled when the run died; the checkpoint
+    records the data position of the step it trained, so the resumed run samples that step's prompts again."""
     urls, reward = [servers["rollout"].url], servers["reward"].url
     straight_dir, broken_dir = tmp_path / "straight", tmp_path / "broken"
     straight_dir.mkdir()
     broken_dir.mkdir()
-    sections = {"train": {"steps": 5}, "checkpoint": {"every": 2, "keep": 3}}
+    sections = {"train": {"steps": 5, "max_staleness": staleness}, "checkpoint": {"every": 2, "keep": 3}}
     straight = _train("--config", str(_config(straight_dir, inputs, urls, reward, **sections)))
     assert straight.returncode == 0, straight.stderr
 
@@ -248,6 +253,9 @@ def test_resume_after_sigkill_continues_as_if_never_stopped(tmp_path, inputs, se
     a, b = _metrics(straight_dir / "run"), _metrics(broken_dir / "run")
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
     assert [m["prompt_ids"] for m in a] == [m["prompt_ids"] for m in b]
+    if staleness:
+        # Steps 3 on were sampled by other versions than in the straight run: other samples, other weights.
+        return
     for x, y in zip(a, b, strict=True):
         assert x["reward_mean"] == pytest.approx(y["reward_mean"])
     final_a = load_file(straight_dir / "run/checkpoints/step-000005/policy/model.safetensors")
@@ -368,3 +376,28 @@ def test_stack_up_stops_everything_when_a_child_dies(tmp_path, inputs):
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     assert not list((tmp_path / "run").glob("checkpoints/.partial-*"))
+
+
+@pytest.mark.slow
+def test_the_demo_still_learns_on_samples_one_version_stale(tmp_path):
+    """`make demo`'s run for 100 steps with max_staleness 1: every sample after the first step was made by
+    the previous version, and the ratio is taken against its behaviour log-probs."""
+    run = tmp_path / "run"
+    overrides = [
+        f"run_dir={run}",
+        f"model.path={tmp_path / 'model'}",
+        f"data.path={tmp_path / 'data'}",
+        "train.steps=100",
+        "train.max_staleness=1",
+        "eval.every=100",
+        "checkpoint.every=0",
+        "log.progress=false",
+        "log.tensorboard=false",
+    ]
+    command = [sys.executable, "-m", "shared.cli", "stack", "up", "--config", "configs/demo.yaml"]
+    done = _train(*overrides, launcher=command, timeout=900)
+    assert done.returncode == 0, done.stderr
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == list(range(101))
+    assert all(m["staleness_mean"] == 1 for m in metrics[2:])
+    assert metrics[0]["eval_accuracy_greedy"] <= 0.2 and metrics[100]["eval_accuracy_greedy"] >= 0.5

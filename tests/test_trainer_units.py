@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from shared.vlm import load_model, load_processor
 from trainer.data import Example
 from trainer.experience import collate, make_rows
 from trainer.policy import teacher_forced_logits
+
+LN = math.log
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +88,66 @@ def test_prefix_shared_passes_equal_full_sequence_passes(tiny):
             length = len(row.response_ids)
             expected = full[len(prompt.input_ids) - 1 : len(prompt.input_ids) - 1 + length]
             torch.testing.assert_close(shared[b, :length], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_stale_sample_is_clipped_against_its_behaviour_policy(tiny):
+    """With max_staleness ≥ 1, ℓ_old is the rollout server's behaviour log-prob, so the ratio and the clip act
+    on a sample an older version made; on-policy, the pass itself (detached) is ℓ_old and every ratio is 1."""
+    from trainer.config import load_config
+    from trainer.loop import old_logprobs
+    from trainer.objective import clipped_policy_loss
+
+    processor = load_processor(tiny)
+    example = _example("a", "What colour is the shape?", (200, 30, 30))
+    word = processor.tokenizer("red").input_ids[:1]
+    rollout = _rollout(processor, example, [word, word])
+    # An older version sampled the two responses with probability 1/4 and 1/8.
+    for sample, logprob in zip(rollout.samples, (LN(0.25), LN(0.125)), strict=True):
+        sample.logprobs = [logprob]
+    rewards = {("a", 0): (1.0, {}), ("a", 1): (0.0, {})}
+    rows = make_rows(processor, [example], [rollout], rewards, ["clean"], seed=0)
+    batch = collate(rows, ["clean"], processor.tokenizer.pad_token_id)
+    stale = load_config(None, ["train.max_staleness=1"])
+    logp_old = old_logprobs(batch, rows, {}, stale)
+    torch.testing.assert_close(logp_old, torch.tensor([[LN(0.25)], [LN(0.125)]]))
+    assert old_logprobs(batch, rows, {}, load_config(None)) is None
+
+    # The current policy gives the token probability 1/2: ρ = 2 and 4.
+    logp = torch.full((2, 1), LN(0.5))
+    mask = torch.ones((2, 1), dtype=torch.bool)
+    # Â = +1 on both: −min(ρ, clip(ρ, 0.8, 1.2)) = −1.2 each; every token clipped.
+    loss, clipped = clipped_policy_loss(logp, logp_old, torch.tensor([1.0, 1.0]), mask)
+    assert loss.item() == pytest.approx(-1.2) and clipped.item() == 1.0
+    # Â = −1 on both: max(ρ, 1.2) = 2 and 4; dual clip c = 3 caps the second: (2 + 3) / 2 = 2.5.
+    loss, _ = clipped_policy_loss(logp, logp_old, torch.tensor([-1.0, -1.0]), mask, dual_clip=3.0)
+    assert loss.item() == pytest.approx(2.5)
+    # On-policy, ℓ_old = ℓ: ρ = 1, nothing clipped, L = −Â.
+    loss, clipped = clipped_policy_loss(logp, logp.detach(), torch.tensor([1.0, 1.0]), mask)
+    assert loss.item() == pytest.approx(-1.0) and clipped.item() == 0.0
+
+
+def test_papos_masked_patches_are_the_vision_towers_patches(tiny):
+    """I_mask is blackened on the 14-pixel grid of the image as the processor resizes it, so every patch the
+    vision tower sees is either untouched or wholly black (PAPO's patch masking)."""
+    import numpy as np
+
+    from trainer.experience import pass_images, prompt_inputs
+
+    processor = load_processor(tiny)
+    noise = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    example = _example("a", "What colour is the shape?", (0, 0, 0))
+    example = Example(example.id, example.messages, (Image.fromarray(noise),), example.answer)
+    rollout = _rollout(processor, example, [[1]])
+    images = pass_images(processor, example, rollout, ["clean", "masked"], seed=4)
+    inputs = prompt_inputs(processor, example, images)
+    clean, masked = inputs["clean"], inputs["masked"]
+    assert torch.equal(clean.image_grid_thw, masked.image_grid_thw)
+    assert images["masked"][0].size == tuple(int(x) * 14 for x in clean.image_grid_thw[0, [2, 1]])
+    changed = ~torch.isclose(clean.pixel_values, masked.pixel_values, atol=1e-5).all(dim=1)
+    assert 0.3 < changed.float().mean() < 0.9  # p = 0.6 of the patches
+    # A changed patch is black all over: one value per channel (3 channels × 2 frames × 14 × 14 pixels).
+    per_channel = masked.pixel_values[changed].view(-1, 3, 2 * 14 * 14)
+    assert torch.allclose(per_channel, per_channel[..., :1].expand_as(per_channel), atol=1e-5)
 
 
 def test_the_config_reference_is_up_to_date():
@@ -165,6 +228,60 @@ def test_the_prompt_stream_is_seeded_and_restores(tmp_path):
     resumed.restore(state)
     assert [e.id for e in resumed.take(10)] == after
     assert first.state()["epoch"] == 1
+
+
+def test_views_follow_the_examples_group(tmp_path):
+    """rollout.views_by names a column; its value picks each example's transforms, 'default' the rest."""
+    from shared.synth_data import SynthSettings, write_dataset
+    from trainer.config import load_config
+    from trainer.data import DataError, training_prompts
+    from trainer.rollouts import prompt_views
+
+    data = write_dataset(tmp_path / "data", SynthSettings(train=24, test=4, seed=0, image_size=56))
+    config = load_config(
+        None,
+        [
+            f"data.path={data}",
+            "rollout.views_by=task",
+            "rollout.negative_transforms="
+            "{colour: [grey_out], position: [mirror_average], default: [zoom_crop]}",
+            "rollout.positive_transforms=[rotation]",
+        ],
+    )
+    examples = training_prompts(config.data, 0, "task").take(24)
+    assert {e.group for e in examples} == {"colour", "shape", "count", "position"}
+    expected = {
+        "colour": ["grey_out"],
+        "position": ["mirror_average"],
+        "shape": ["zoom_crop"],
+        "count": ["zoom_crop"],
+    }
+    for example in examples:
+        views = prompt_views(config, example, seed=9, kinds=("negative",))
+        assert views.positive is None and views.negative is not None
+        assert (views.negative.transforms, views.negative.seed) == (expected[example.group], 9)
+        both = prompt_views(config, example, seed=9, kinds=("positive", "negative"))
+        assert both.positive is not None and both.positive.transforms == ["rotation"]
+    # Without a 'default' entry, a group not listed gets the official set (None).
+    plain = load_config(None, ["rollout.views_by=task", "rollout.negative_transforms={colour: [grey_out]}"])
+    assert plain.rollout.transforms("negative", "shape") is None
+    with pytest.raises(DataError, match="colour_name"):
+        training_prompts(config.data, 0, "colour_name")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["rollout.negative_transforms={colour: [grey_out]}"], "set views_by"),
+        (["rollout.negative_transforms=[rotation]"], "'rotation' is not a negative transform"),
+        (["rollout.views_by=task", "rollout.positive_transforms={colour: [grey_out]}"], "not a positive"),
+    ],
+)
+def test_view_transforms_are_checked_with_the_config(overrides, named):
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, overrides)
 
 
 def test_datasets_with_a_wrong_layout_are_refused(tmp_path):

@@ -17,10 +17,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from shared.perturbations import TRANSFORMS_BY_KIND
 from shared.schemas import MAX_SAMPLES_PER_PROMPT, MAX_TOKENS, ImageVariant
 from trainer.objective import ObjectiveConfig
 
@@ -30,6 +32,10 @@ PAPER_INSTRUCTION = (
     "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST "
     "BE put in \\boxed{}."
 )
+
+
+Transforms = list[str] | dict[str, list[str] | None] | None
+"""Transform names for every example, or by the value of the ``views_by`` column."""
 
 
 class Section(BaseModel):
@@ -78,17 +84,56 @@ class RolloutConfig(Section):
     temperature: float = Field(default=1.0, gt=0, le=2, description="Sampling temperature T.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_tokens: int = Field(default=1024, ge=1, le=MAX_TOKENS, description="Most tokens per response.")
-    positive_transforms: list[str] | None = Field(
-        default=None, description="I⁺ transforms to draw from; null is the paper's set."
+    views_by: str | None = Field(
+        default=None,
+        description="A dataset column (e.g. task) whose value picks each example's transforms from the "
+        "by-value forms of positive_transforms and negative_transforms.",
     )
-    negative_transforms: list[str] | None = Field(
-        default=None, description="I⁻ transforms to draw from; null is the paper's set."
+    positive_transforms: Transforms = Field(
+        default=None,
+        description="I⁺ transforms to draw from: a list, or lists by views_by value ('default' for the "
+        "rest); null is the official set.",
+    )
+    negative_transforms: Transforms = Field(
+        default=None,
+        description="I⁻ transforms to draw from: a list, or lists by views_by value ('default' for the "
+        "rest); null is the official set.",
     )
     timeout_s: float = Field(default=600.0, gt=0, description="Seconds one rollout request may take.")
     attempts: int = Field(
         default=4, ge=1, le=20, description="Tries per request before a replica is skipped."
     )
     ready_timeout_s: float = Field(default=600.0, gt=0, description="Seconds to wait for a live replica.")
+
+    @field_validator("positive_transforms", "negative_transforms")
+    @classmethod
+    def _known_transforms(cls, transforms: Transforms, info: ValidationInfo) -> Transforms:
+        kind = info.field_name.removesuffix("_transforms")
+        lists = transforms.values() if isinstance(transforms, dict) else [transforms]
+        for names in lists:
+            for name in names or ():
+                if name not in TRANSFORMS_BY_KIND[kind]:
+                    raise ValueError(
+                        f"{name!r} is not a {kind} transform; choose from {list(TRANSFORMS_BY_KIND[kind])}"
+                    )
+        return transforms
+
+    @model_validator(mode="after")
+    def _by_value_needs_a_column(self) -> RolloutConfig:
+        for kind in ("positive", "negative"):
+            if isinstance(getattr(self, f"{kind}_transforms"), dict) and self.views_by is None:
+                raise ValueError(
+                    f"{kind}_transforms gives lists by value: set views_by to the column they follow"
+                )
+        return self
+
+    def transforms(self, kind: str, group: str | None) -> list[str] | None:
+        """The ``kind`` transforms of an example whose ``views_by`` column holds ``group``; None is the
+        official set."""
+        transforms: Transforms = getattr(self, f"{kind}_transforms")
+        if isinstance(transforms, dict):
+            return transforms.get(str(group), transforms.get("default"))
+        return transforms
 
 
 class RewardConfig(Section):
@@ -118,7 +163,11 @@ class TrainLoopConfig(Section):
         default=False, description="Drop groups whose rewards are all equal (they carry no advantage)."
     )
     max_staleness: int = Field(
-        default=0, ge=0, le=8, description="Policy versions a sample may lag behind; 0 is on-policy."
+        default=0,
+        ge=0,
+        le=8,
+        description="Policy versions a sample may lag behind; 0 is on-policy. From 1 on, the ratio is taken "
+        "against the behaviour log-probs.",
     )
     tis_cap: float | None = Field(
         default=None,

@@ -8,7 +8,7 @@ chat messages with the images as ``data:`` URLs, so any rollout replica can read
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from datasets import Dataset, load_dataset
 from PIL import Image
 
 from shared.images import encode_image_data_url
-from shared.schemas import ChatMessage, ImagePart, ImageURL, RolloutPrompt, TextPart
+from shared.schemas import ChatMessage, ImagePart, ImageURL, RequestedViews, RolloutPrompt, TextPart
 from trainer.config import DataConfig
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -36,12 +36,15 @@ class Example:
     messages: tuple[ChatMessage, ...]
     images: tuple[Image.Image, ...]
     answer: str
+    group: str | None = None
+    """The value of the ``rollout.views_by`` column: it picks the example's views and names its per-group
+    metrics."""
 
-    def rollout_prompt(self) -> RolloutPrompt:
-        return RolloutPrompt(prompt_id=self.id, messages=list(self.messages))
+    def rollout_prompt(self, views: RequestedViews | None = None) -> RolloutPrompt:
+        return RolloutPrompt(prompt_id=self.id, messages=list(self.messages), views=views)
 
 
-def load_split(path: str, split: str, tasks: list[str] | None = None) -> Dataset:
+def load_split(path: str, split: str, tasks: list[str] | None = None, views_by: str | None = None) -> Dataset:
     """The split as a ``datasets.Dataset``, checked for the columns the trainer needs."""
     folder = Path(path)
     if folder.is_dir():
@@ -60,7 +63,8 @@ def load_split(path: str, split: str, tasks: list[str] | None = None) -> Dataset
             dataset = load_dataset(path, split=split)
         except Exception as error:
             raise DataError(f"cannot load the hub dataset {path!r} (split {split!r}): {error}") from error
-    missing = [column for column in REQUIRED_COLUMNS if column not in dataset.column_names]
+    needed = [*REQUIRED_COLUMNS, *([views_by] if views_by else [])]
+    missing = [column for column in needed if column not in dataset.column_names]
     if missing:
         raise DataError(f"the {split} split of {path} lacks the column(s) {', '.join(missing)}")
     if tasks is not None:
@@ -86,7 +90,9 @@ def _open_image(value: Any, root: Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def make_example(row: dict[str, Any], index: int, root: Path, instruction: str) -> Example:
+def make_example(
+    row: dict[str, Any], index: int, root: Path, instruction: str, views_by: str | None = None
+) -> Example:
     """The row as a chat prompt: the problem's ``<image>`` slots in place, the instruction appended."""
     images = tuple(_open_image(value, root) for value in row["images"] or [])
     pieces = (str(row["problem"]) + instruction).split(IMAGE_PLACEHOLDER)
@@ -107,18 +113,28 @@ def make_example(row: dict[str, Any], index: int, root: Path, instruction: str) 
             parts.append(TextPart(type="text", text=text))
     identifier = str(row.get("id") or f"row-{index}")
     message = ChatMessage(role="user", content=parts)
-    return Example(id=identifier, messages=(message,), images=images, answer=str(row["answer"]))
+    group = str(row[views_by]) if views_by else None
+    return Example(identifier, (message,), images, str(row["answer"]), group)
 
 
 class PromptStream:
     """Training prompts in a seeded order, epoch after epoch; its position is part of a checkpoint."""
 
-    def __init__(self, dataset: Dataset, root: Path, instruction: str, seed: int, shuffle: bool) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        root: Path,
+        instruction: str,
+        seed: int,
+        shuffle: bool,
+        views_by: str | None = None,
+    ) -> None:
         self.dataset = dataset
         self.root = root
         self.instruction = instruction
         self.seed = seed
         self.shuffle = shuffle
+        self.views_by = views_by
         self.epoch = 0
         self.position = 0
 
@@ -136,12 +152,10 @@ class PromptStream:
                 continue
             index = int(order[self.position])
             self.position += 1
-            example = make_example(self.dataset[index], index, self.root, self.instruction)
+            example = make_example(self.dataset[index], index, self.root, self.instruction, self.views_by)
             # Ids must be unique within a request; the same row twice in one batch gets a suffix.
             if any(e.id == example.id for e in taken):
-                example = Example(
-                    f"{example.id}~{len(taken)}", example.messages, example.images, example.answer
-                )
+                example = replace(example, id=f"{example.id}~{len(taken)}")
             taken.append(example)
         return taken
 
@@ -152,15 +166,16 @@ class PromptStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def training_prompts(data: DataConfig, seed: int) -> PromptStream:
+def training_prompts(data: DataConfig, seed: int, views_by: str | None = None) -> PromptStream:
     """The train split as the loop reads it, from its start: the same prompts for the same seed."""
-    split = load_split(data.path, data.train_split, data.tasks)
-    return PromptStream(split, Path(data.path), data.instruction, seed, data.shuffle)
+    split = load_split(data.path, data.train_split, data.tasks, views_by)
+    return PromptStream(split, Path(data.path), data.instruction, seed, data.shuffle, views_by)
 
 
-def evaluation_examples(data: DataConfig, count: int) -> list[Example]:
+def evaluation_examples(data: DataConfig, count: int, views_by: str | None = None) -> list[Example]:
     """The first ``count`` test prompts: the same ones at every evaluation."""
-    split = load_split(data.path, data.test_split, data.tasks)
+    split = load_split(data.path, data.test_split, data.tasks, views_by)
+    root = Path(data.path)
     return [
-        make_example(split[i], i, Path(data.path), data.instruction) for i in range(min(count, len(split)))
+        make_example(split[i], i, root, data.instruction, views_by) for i in range(min(count, len(split)))
     ]

@@ -2,70 +2,72 @@
 
 - ``eval_accuracy_greedy``: greedy accuracy on the clean images;
 - ``eval_accuracy_sampled``: avg@k at the rollout temperature;
-- ``eval_perception_gap``: greedy accuracy on the clean images minus greedy accuracy on their
-  information-removing views. A policy that answers without looking has a gap near 0.
+- ``eval_accuracy_greedy_removed``: greedy accuracy on the views ``eval.removed_view`` names (I⁻ by
+  default), made with the same transforms as in training;
+- ``eval_perception_gap``: the first minus the third. A policy that answers without looking has a gap
+  near 0.
+
+With ``rollout.views_by`` set, the greedy accuracies are also logged per group (``…/colour``).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from statistics import fmean
 
-from shared.schemas import (
-    PromptRollout,
-    RequestedViews,
-    RolloutRequest,
-    SamplingParams,
-    ScoreItem,
-    ViewRecipe,
-)
+from shared.schemas import PromptRollout, RequestedViews, RolloutRequest, SamplingParams, ScoreItem
 from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
 from trainer.data import Example
+from trainer.rollouts import prompt_views
 
 
-def _accuracy(
+def _accuracies(
     config: TrainConfig,
     rewards: RewardClient,
     examples: list[Example],
     rollouts: list[PromptRollout],
-    view: str,
-) -> float:
-    answers = {e.id: e.answer for e in examples}
+    variant: str,
+) -> dict[str | None, float]:
+    """Accuracy of the samples drawn on ``variant``: overall (key None) and per group."""
+    by_id = {e.id: e for e in examples}
+    samples = [(r.prompt_id, s) for r in rollouts for s in r.samples if s.sampled_on == variant]
     items = [
         ScoreItem(
-            id=f"{r.prompt_id}/{s.sample_index}",
+            id=f"{prompt_id}/{s.sample_index}",
             response=s.text,
-            ground_truth=answers[r.prompt_id],
+            ground_truth=by_id[prompt_id].answer,
             reward=config.reward.reward,
         )
-        for r in rollouts
-        for s in r.samples
-        if s.sampled_on == view
+        for prompt_id, s in samples
     ]
-    results = rewards.score(items)
-    return fmean(r.components.get(config.reward.accuracy, 0.0) for r in results) if results else float("nan")
+    correct: dict[str | None, list[float]] = defaultdict(list)
+    for (prompt_id, _), result in zip(samples, rewards.score(items) if items else [], strict=True):
+        accuracy = result.components.get(config.reward.accuracy, 0.0)
+        correct[None].append(accuracy)
+        if by_id[prompt_id].group is not None:
+            correct[by_id[prompt_id].group].append(accuracy)
+    if not correct:
+        return {None: float("nan")}
+    return {group: fmean(values) for group, values in correct.items()}
 
 
 def evaluate(
     config: TrainConfig, replicas: RolloutReplicas, rewards: RewardClient, examples: list[Example], seed: int
 ) -> dict[str, float]:
-    prompts = [e.rollout_prompt() for e in examples]
     removed = config.eval.removed_view
     greedy = replicas.rollouts(
-        prompts,
+        [e.rollout_prompt(prompt_views(config, e, seed, (removed,))) for e in examples],
         lambda chunk: RolloutRequest(
             prompts=chunk,
             n=1,
             sampling=SamplingParams(temperature=0.0, max_tokens=config.rollout.max_tokens),
-            views=RequestedViews(
-                positive=ViewRecipe(seed=seed) if removed == "positive" else None,
-                negative=ViewRecipe(seed=seed) if removed == "negative" else None,
-            ),
+            views=RequestedViews(positive=None, negative=None),
             sample_on=["clean", removed],
         ),
     )
     sampled = replicas.rollouts(
-        prompts,
+        [e.rollout_prompt() for e in examples],
         lambda chunk: RolloutRequest(
             prompts=chunk,
             n=config.eval.samples,
@@ -78,11 +80,15 @@ def evaluate(
             views=RequestedViews(positive=None, negative=None),
         ),
     )
-    clean = _accuracy(config, rewards, examples, greedy, "clean")
-    blind = _accuracy(config, rewards, examples, greedy, removed)
-    return {
-        "eval_accuracy_greedy": clean,
-        "eval_accuracy_sampled": _accuracy(config, rewards, examples, sampled, "clean"),
-        "eval_accuracy_greedy_removed": blind,
-        "eval_perception_gap": clean - blind,
+    clean = _accuracies(config, rewards, examples, greedy, "clean")
+    blind = _accuracies(config, rewards, examples, greedy, removed)
+    metrics = {
+        "eval_accuracy_greedy": clean[None],
+        "eval_accuracy_sampled": _accuracies(config, rewards, examples, sampled, "clean")[None],
+        "eval_accuracy_greedy_removed": blind[None],
+        "eval_perception_gap": clean[None] - blind[None],
     }
+    for group in sorted(group for group in clean if group is not None):
+        metrics[f"eval_accuracy_greedy/{group}"] = clean[group]
+        metrics[f"eval_accuracy_greedy_removed/{group}"] = blind.get(group, float("nan"))
+    return metrics

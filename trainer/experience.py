@@ -20,7 +20,7 @@ from transformers import ProcessorMixin
 from shared.images import ImageLimits, decode_image_url
 from shared.perturbations import perturb
 from shared.schemas import PromptRollout, Sample
-from shared.vlm import chat_template_messages
+from shared.vlm import chat_template_messages, processed_size
 from trainer.data import Example
 
 # A prompt's images for each teacher-forced pass, by pass name; "clean" is always there.
@@ -53,9 +53,15 @@ class Row:
     advantage: float = 0.0
 
 
-def pass_images(example: Example, rollout: PromptRollout, passes: Sequence[str], seed: int) -> PassImages:
+def pass_images(
+    processor: ProcessorMixin, example: Example, rollout: PromptRollout, passes: Sequence[str], seed: int
+) -> PassImages:
     """The prompt's images for each pass: clean from the dataset, I⁺/I⁻ as the server made them, and PAPO's
-    masked view made here (deterministic given the seed)."""
+    masked view made here (deterministic given the seed).
+
+    The masked view is made at the size the processor resizes to, so that its 14-pixel patches are the
+    vision tower's patches, as in PAPO; the processor then leaves its size as it is.
+    """
     images: PassImages = {"clean": example.images}
     limits = ImageLimits()
     for kind in ("positive", "negative"):
@@ -69,9 +75,11 @@ def pass_images(example: Example, rollout: PromptRollout, passes: Sequence[str],
             )
         images[kind] = tuple(decode_image_url(view.image_url, limits) for view in made)
     if "masked" in passes:
-        images["masked"] = tuple(
-            perturb(image, "masked", seed + i)[0] for i, image in enumerate(example.images)
-        )
+        resized = [
+            image.resize(processed_size(processor, image), Image.Resampling.BICUBIC)
+            for image in example.images
+        ]
+        images["masked"] = tuple(perturb(image, "masked", seed + i)[0] for i, image in enumerate(resized))
     return images
 
 
@@ -104,7 +112,9 @@ def make_rows(
     server's, since a tokenizer mismatch would silently train on different sequences."""
     rows = []
     for index, (example, rollout) in enumerate(zip(examples, rollouts, strict=True)):
-        inputs = prompt_inputs(processor, example, pass_images(example, rollout, passes, seed + 1000 * index))
+        inputs = prompt_inputs(
+            processor, example, pass_images(processor, example, rollout, passes, seed + 1000 * index)
+        )
         if inputs["clean"].input_ids.tolist() != rollout.prompt_token_ids:
             raise ExperienceError(
                 f"prompt {rollout.prompt_id}: the trainer's prompt tokens differ from the rollout server's; "

@@ -18,7 +18,7 @@ from trainer.config import TrainConfig
 KEY_METRICS = ("reward_mean", "accuracy_mean", "eval_accuracy_greedy", "cpl_loss", "entropy_mean")
 CURVES = (
     ("reward_mean", "accuracy_mean"),
-    ("eval_accuracy_greedy", "eval_accuracy_sampled", "eval_perception_gap"),
+    ("eval_accuracy_greedy", "eval_accuracy_greedy_removed", "eval_accuracy_sampled", "eval_perception_gap"),
     ("pg_loss", "cpl_loss", "kl_loss"),
     ("entropy_mean", "perception_token_fraction", "clip_fraction"),
 )
@@ -144,7 +144,14 @@ def summary_table(metrics: list[dict]) -> Table:
     table.add_column("metric")
     table.add_column("first", justify="right")
     table.add_column("last", justify="right")
-    names = [*KEY_METRICS, "eval_accuracy_sampled", "eval_perception_gap", "seconds_step"]
+    names = [
+        *KEY_METRICS,
+        "eval_accuracy_greedy_removed",
+        "eval_accuracy_sampled",
+        "eval_perception_gap",
+        "perception_token_fraction",
+        "seconds_step",
+    ]
     for name in names:
         values = [m[name] for m in metrics if m.get(name) is not None]
         if values:

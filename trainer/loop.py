@@ -26,7 +26,7 @@ from trainer.config import TrainConfig
 from trainer.data import evaluation_examples, training_prompts
 from trainer.distributed import init_distributed, mean_over_ranks, rank, world_size
 from trainer.evaluate import evaluate
-from trainer.experience import Row, collate, make_rows
+from trainer.experience import Batch, Row, collate, make_rows
 from trainer.logs import RunLog, plot_curves, read_metrics, summary_table
 from trainer.objective import ALGORITHMS, grpo_advantages, metric_names
 from trainer.policy import Policy
@@ -50,8 +50,8 @@ def train(
     console = Console(stderr=True)
     processor = load_processor(config.model.path)
     passes = ALGORITHMS[config.objective.algorithm].passes
-    stream = training_prompts(config.data, config.seed)
-    tests = evaluation_examples(config.data, config.eval.prompts)
+    stream = training_prompts(config.data, config.seed, config.rollout.views_by)
+    tests = evaluation_examples(config.data, config.eval.prompts, config.rollout.views_by)
     replicas, rewards = connect(config)
     policy = Policy(config, micro_batches_per_mini_batch(config), suppressed_token_ids(processor.tokenizer))
     state = TrainerState(step=0, policy_version=0, data=stream.state())
@@ -179,7 +179,7 @@ def update(policy: Policy, rows: list[Row], spare: Row, config: TrainConfig, pad
     passes = ALGORITHMS[config.objective.algorithm].passes
     mini_batches = [rows[i :: config.train.mini_batches] for i in range(config.train.mini_batches)]
     old: dict[int, torch.Tensor] = {}
-    if config.train.mini_batches > 1:
+    if config.train.mini_batches > 1 and not config.train.max_staleness:
         # Several optimizer steps: the old policy is the one before the first, scored once up front.
         for mini in mini_batches:
             for micro in _split(mini, micro_count):
@@ -193,13 +193,30 @@ def update(policy: Policy, rows: list[Row], spare: Row, config: TrainConfig, pad
             weight = len(micro) / max(1, len(mini))
             placeholder = micro or [spare]
             batch = collate(placeholder, passes, pad_id)
-            logp_old = _stack_old(old, micro, batch.response_ids.shape[1]) if old and micro else None
+            logp_old = old_logprobs(batch, micro, old, config)
             metrics = policy.micro_step(batch, logp_old, weight, config.train.tis_cap)
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + weight * value / len(mini_batches)
     totals["grad_norm"] = policy.grad_norm()
     # Every run logs the same columns; a term its algorithm does not have is null.
     return {name: totals.get(name, math.nan) for name in metric_names()} | totals
+
+
+def old_logprobs(
+    batch: Batch, rows: list[Row], old: dict[int, torch.Tensor], config: TrainConfig
+) -> torch.Tensor | None:
+    """ℓ_old of a micro-batch, the policy the ratio ρ_t = exp(ℓ_t − ℓ_old,t) is taken against:
+
+    - samples that may be stale (``max_staleness`` ≥ 1): the behaviour policy's, as the rollout server
+      reported them, since an older version sampled them and the current pass would make every ratio 1;
+    - several optimizer steps per step: the policy before the first, scored up front (``old``);
+    - otherwise None: the pass itself, detached (the same parameters sampled the batch).
+    """
+    if config.train.max_staleness:
+        return batch.rollout_logprobs
+    if old and rows:
+        return _stack_old(old, rows, batch.response_ids.shape[1])
+    return None
 
 
 def _split(rows: list[Row], parts: int) -> list[list[Row]]:

@@ -221,13 +221,23 @@ class ObjectiveConfig(BaseModel):
         default=0.5, gt=0, le=1, description="CPPO: fraction p of response tokens taken as perception tokens."
     )
     papo_gamma: float = Field(
-        default=0.01, ge=0, description="PAPO: weight γ of the implicit perception loss."
+        default=0.02,
+        ge=0,
+        description="PAPO: weight γ of the implicit perception loss (PAPO's GRPO scripts).",
     )
     papo_eta_clean: float = Field(
-        default=0.03, ge=0, description="PAPO: entropy weight η₁ on the clean image."
+        default=0.0,
+        ge=0,
+        description="PAPO: entropy weight η₁ on the clean image; off as in PAPO's 3B scripts (0.05 for 7B).",
     )
     papo_eta_masked: float = Field(
-        default=0.03, ge=0, description="PAPO: entropy weight η₂ on the masked image."
+        default=0.0,
+        ge=0,
+        description="PAPO: entropy weight η₂ on the masked image; off as in PAPO's 3B scripts (0.05 for 7B).",
+    )
+    papo_masked_grad: bool = Field(
+        default=False,
+        description="PAPO: let gradients flow through the masked-image log-probs (by default they do not).",
     )
 
     @field_validator("algorithm")
@@ -267,8 +277,10 @@ def no_term(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, d
 
 
 def papo_term(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """PAPO: −γ·KL_prcp + η₁·Ĥ(I) + η₂·Ĥ(I_mask)."""
+    """PAPO: −γ·KL_prcp + η₁·Ĥ(I) + η₂·Ĥ(I_mask); ℓ(I_mask) without gradient unless ``papo_masked_grad``."""
     logp, logp_masked, mask = inputs.logp["clean"], inputs.logp["masked"], inputs.response_mask
+    if not config.papo_masked_grad:
+        logp_masked = logp_masked.detach()
     kl_prcp = implicit_perception_loss(logp, logp_masked, mask)
     entropy_reg = double_entropy_loss(logp, logp_masked, mask, config.papo_eta_clean, config.papo_eta_masked)
     term = -config.papo_gamma * kl_prcp + entropy_reg

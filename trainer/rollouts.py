@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -54,11 +54,20 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
     return int(np.random.SeedSequence([seed, step, salt]).generate_state(1)[0])
 
 
-def rollout_request(
-    config: TrainConfig, prompts: list[RolloutPrompt], seed: int, passes: tuple[str, ...]
-) -> RolloutRequest:
-    """Sample on the clean images; ask for the views that the algorithm's passes run on (explicit nulls:
-    a missing view would get the default transforms)."""
+def prompt_views(config: TrainConfig, example: Example, seed: int, kinds: Iterable[str]) -> RequestedViews:
+    """The perturbed views of ``example`` to ask the rollout server for: each kind in ``kinds`` with the
+    transforms of the example's group, the other kinds explicitly null (a missing one gets the default
+    set)."""
+    recipes = {
+        kind: ViewRecipe(transforms=config.rollout.transforms(kind, example.group), seed=seed)
+        for kind in ("positive", "negative")
+        if kind in kinds
+    }
+    return RequestedViews(positive=recipes.get("positive"), negative=recipes.get("negative"))
+
+
+def rollout_request(config: TrainConfig, prompts: list[RolloutPrompt], seed: int) -> RolloutRequest:
+    """Sample on the clean images; each prompt carries the views it needs (``prompt_views``)."""
     rollout = config.rollout
     return RolloutRequest(
         prompts=prompts,
@@ -66,14 +75,7 @@ def rollout_request(
         sampling=SamplingParams(
             temperature=rollout.temperature, top_p=rollout.top_p, max_tokens=rollout.max_tokens, seed=seed
         ),
-        views=RequestedViews(
-            positive=ViewRecipe(transforms=rollout.positive_transforms, seed=seed)
-            if "positive" in passes
-            else None,
-            negative=ViewRecipe(transforms=rollout.negative_transforms, seed=seed)
-            if "negative" in passes
-            else None,
-        ),
+        views=RequestedViews(positive=None, negative=None),
     )
 
 
@@ -107,8 +109,8 @@ def sample_and_score(
     scored: list[Future] = []
     start = time.perf_counter()
     rollouts = replicas.rollouts(
-        [e.rollout_prompt() for e in examples],
-        lambda chunk: rollout_request(config, chunk, seed, passes),
+        [e.rollout_prompt(prompt_views(config, e, seed, passes)) for e in examples],
+        lambda chunk: rollout_request(config, chunk, seed),
         on_chunk=lambda chunk: scored.append(
             scoring.submit(rewards.score, score_items(config, by_id, chunk))
         ),
