@@ -106,8 +106,10 @@ def test_a_cppo_micro_step_in_bf16_on_cuda(tiny):
     before = {n: p.detach().float().cpu().clone() for n, p in policy.engine.module.named_parameters()}
     metrics = policy.micro_step(batch, None, 1.0, None)
     for name in ("loss", "pg_loss", "cpl_loss", "perception_token_fraction", "entropy_shift_mean"):
-        assert torch.isfinite(torch.tensor(metrics[name])), (name, metrics)
-    assert 0.0 <= metrics["perception_token_fraction"] <= 1.0
+        assert torch.isfinite(torch.tensor(metrics[name])).all(), (name, metrics)
+    # One fraction per response.
+    assert len(metrics["perception_token_fraction"]) == len(rows)
+    assert all(0.0 <= f <= 1.0 for f in metrics["perception_token_fraction"])
     assert torch.isfinite(torch.tensor(policy.grad_norm())) and policy.grad_norm() > 0
     changed = [
         n

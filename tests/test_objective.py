@@ -27,6 +27,7 @@ from trainer.objective import (
     perception_token_mask,
     policy_objective,
     reference_kl,
+    response_means,
 )
 
 LOG2 = math.log(2.0)
@@ -376,7 +377,8 @@ def test_cppo_objective_by_hand():
     # L = 1.1 + 0.5 · 0.137130 = 1.168565; 1 of 4 valid tokens selected.
     assert metrics["cpl_loss"].item() == pytest.approx(0.137130, abs=1e-5)
     assert loss.item() == pytest.approx(1.168565, abs=1e-5)
-    assert metrics["perception_token_fraction"].item() == pytest.approx(0.25)
+    # Per response: row 0 has 1 of its 2 valid tokens selected, row 1 none (gated by Â < 0).
+    assert metrics["perception_token_fraction"].tolist() == pytest.approx([0.5, 0.0])
     # mean ΔH over the valid tokens: (1 + 2 + 1 + 2) / 4 = 1.5
     assert metrics["entropy_shift_mean"].item() == pytest.approx(1.5)
     loss.backward()
@@ -457,6 +459,12 @@ def test_masked_mean_ignores_padding_and_handles_empty_masks():
     mask = torch.tensor([[True, True, False], [True, False, False]])
     assert masked_mean(values, mask).item() == pytest.approx(3.0)
     assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_response_means_are_each_responses_token_mean():
+    values = t([[1.0, 3.0, math.nan], [5.0, math.inf, 0.0], [2.0, 2.0, 2.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
+    assert response_means(values, mask).tolist() == [2.0, 5.0, 0.0]
 
 
 def test_logprobs_and_entropy_by_hand():

@@ -276,6 +276,8 @@ def test_two_process_zero3_under_accelerate_launch_publishes_the_gathered_model(
         servers["reward"].url,
         sync={"mode": "reference", "dir": str(sync_dir)},
         train={"steps": 2},
+        data={"tasks": ["colour", "shape"]},
+        rollout={"views_by": "task"},
     )
     # The shipped Accelerate config, as a user runs it from the repository root (where _train runs);
     # only the size differs.
@@ -295,6 +297,13 @@ def test_two_process_zero3_under_accelerate_launch_publishes_the_gathered_model(
     assert done.returncode == 0, done.stderr
     ds = json.loads((tmp_path / "run/deepspeed.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3
+    # The perception tokens are counted over both ranks' responses, per task (null if a step had none):
+    # the overall fraction is the tasks' fractions weighted by their tokens, so it lies between them.
+    for step in _metrics(tmp_path / "run")[1:]:
+        fractions = [step[f"perception_token_fraction/{task}"] for task in ("colour", "shape")]
+        present = [f for f in fractions if f is not None]
+        assert present and all(0.0 <= f <= 1.0 for f in present)
+        assert min(present) - 1e-9 <= step["perception_token_fraction"] <= max(present) + 1e-9
     gas = ds["gradient_accumulation_steps"]
     assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (8, 8 * gas * 2)
     # Each rank holds half of the weights: the engine checkpoint has one shard per rank.

@@ -186,6 +186,26 @@ def test_group_advantages_and_dropped_groups(monkeypatch):
     assert dropped == 1 and {r.prompt_id for r in kept} == {"p"}
 
 
+def test_per_response_metrics_become_token_means_overall_and_per_group():
+    from trainer.experience import Row
+    from trainer.loop import TokenMeans
+
+    def row(group: str | None, tokens: int) -> Row:
+        return Row("p", {}, [1] * tokens, [0.0] * tokens, 0.0, group=group)
+
+    means = TokenMeans(["colour", "count", "shape"])
+    means.add("fraction", [row("colour", 2), row("colour", 6)], [0.5, 0.25])
+    # A zero-row pass (a placeholder's values) adds nothing; a group outside the list counts overall only.
+    means.add("fraction", [], [0.9])
+    means.add("fraction", [row("shape", 4), row(None, 8)], [1.0, 0.0])
+    # colour: (0.5·2 + 0.25·6) / 8 = 2.5 / 8; shape: 4 / 4; overall: (2.5 + 4 + 0) / 20; count: no tokens.
+    got = means.over_ranks()
+    assert got["fraction"] == pytest.approx(6.5 / 20)
+    assert got["fraction/colour"] == pytest.approx(2.5 / 8) and got["fraction/shape"] == 1.0
+    assert math.isnan(got["fraction/count"])
+    assert set(got) == {"fraction", "fraction/colour", "fraction/count", "fraction/shape"}
+
+
 def test_micro_batches_are_fixed_per_run():
     from trainer.config import load_config
     from trainer.loop import micro_batches_per_mini_batch
@@ -248,7 +268,9 @@ def test_views_follow_the_examples_group(tmp_path):
             "rollout.positive_transforms=[rotation]",
         ],
     )
-    examples = training_prompts(config.data, 0, "task").take(24)
+    stream = training_prompts(config.data, 0, "task")
+    assert stream.groups() == ["colour", "count", "position", "shape"]
+    examples = stream.take(24)
     assert {e.group for e in examples} == {"colour", "shape", "count", "position"}
     expected = {
         "colour": ["grey_out"],

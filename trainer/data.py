@@ -159,6 +159,10 @@ class PromptStream:
             taken.append(example)
         return taken
 
+    def groups(self) -> list[str]:
+        """The distinct values of the ``views_by`` column, sorted: the same list on every rank."""
+        return sorted({str(value) for value in self.dataset[self.views_by]}) if self.views_by else []
+
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 

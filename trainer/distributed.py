@@ -1,4 +1,4 @@
-"""The trainer's processes: joining the launcher's group, who is who, and averaging metrics over ranks.
+"""The trainer's processes: joining the launcher's group, who is who, and reducing metrics over ranks.
 
 One process or many (``deepspeed``, ``torchrun`` or ``accelerate launch`` set the usual ``RANK`` /
 ``WORLD_SIZE`` variables).
@@ -48,6 +48,16 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     if world_size() == 1:
         return values
     keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return {k: float(v) / world_size() for k, v in zip(keys, tensor.tolist(), strict=True)}
+    total = sum_over_ranks(torch.tensor([values[k] for k in keys], dtype=torch.float64))
+    return {k: float(v) / world_size() for k, v in zip(keys, total.tolist(), strict=True)}
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over the ranks (the same shape on every rank), on the CPU."""
+    if world_size() == 1:
+        return tensor
+    # NCCL reduces GPU tensors only.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    reduced = tensor.to(device, copy=True)
+    dist.all_reduce(reduced)
+    return reduced.cpu()

@@ -50,6 +50,7 @@ class Row:
     response_ids: list[int]
     rollout_logprobs: list[float]
     reward: float
+    group: str | None = None
     advantage: float = 0.0
 
 
@@ -129,6 +130,7 @@ def make_rows(
                     response_ids=list(sample.token_ids),
                     rollout_logprobs=list(sample.logprobs),
                     reward=reward,
+                    group=example.group,
                 )
             )
     return rows

@@ -150,7 +150,7 @@ def summary_table(metrics: list[dict]) -> Table:
         "eval_accuracy_sampled",
         "eval_perception_gap",
         "perception_token_fraction",
-        "seconds_step",
+        *sorted({k for m in metrics for k in m if k.startswith("perception_token_fraction/")}),
     ]
     for name in names:
         values = [m[name] for m in metrics if m.get(name) is not None]

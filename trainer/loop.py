@@ -24,7 +24,7 @@ from trainer.checkpoint import TrainerState
 from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
 from trainer.data import evaluation_examples, training_prompts
-from trainer.distributed import init_distributed, mean_over_ranks, rank, world_size
+from trainer.distributed import init_distributed, mean_over_ranks, rank, sum_over_ranks, world_size
 from trainer.evaluate import evaluate
 from trainer.experience import Batch, Row, collate, make_rows
 from trainer.logs import RunLog, plot_curves, read_metrics, summary_table
@@ -49,8 +49,10 @@ def train(
     torch.manual_seed(config.seed)
     console = Console(stderr=True)
     processor = load_processor(config.model.path)
+    pad_id = processor.tokenizer.pad_token_id
     passes = ALGORITHMS[config.objective.algorithm].passes
     stream = training_prompts(config.data, config.seed, config.rollout.views_by)
+    groups = stream.groups()
     tests = evaluation_examples(config.data, config.eval.prompts, config.rollout.views_by)
     replicas, rewards = connect(config)
     policy = Policy(config, micro_batches_per_mini_batch(config), suppressed_token_ids(processor.tokenizer))
@@ -73,7 +75,7 @@ def train(
             batch = sampler.next(step, version)  # sample + score
             rows, groups_dropped, spare = rows_with_advantages(processor, batch, passes, config)  # advantages
             started = time.perf_counter()
-            metrics = update(policy, rows, spare, config, processor.tokenizer.pad_token_id)  # loss + step
+            metrics = update(policy, rows, spare, groups, config, pad_id)  # loss + step
             metrics["seconds_train"] = time.perf_counter() - started
             started = time.perf_counter()
             version = publisher.publish(version + 1)  # push weights
@@ -172,9 +174,12 @@ def rows_with_advantages(
     return kept, dropped, rows[0]
 
 
-def update(policy: Policy, rows: list[Row], spare: Row, config: TrainConfig, pad_id: int) -> dict[str, float]:
+def update(
+    policy: Policy, rows: list[Row], spare: Row, groups: list[str], config: TrainConfig, pad_id: int
+) -> dict[str, float]:
     """``mini_batches`` optimizer steps, each over a fixed number of micro-batches (padded with
-    zero-weight passes where this rank has too few rows)."""
+    zero-weight passes where this rank has too few rows). Per-response metrics come back as means over
+    the step's tokens on every rank, overall and per group (``name/group``)."""
     micro_count = micro_batches_per_mini_batch(config)
     passes = ALGORITHMS[config.objective.algorithm].passes
     mini_batches = [rows[i :: config.train.mini_batches] for i in range(config.train.mini_batches)]
@@ -188,6 +193,7 @@ def update(policy: Policy, rows: list[Row], spare: Row, config: TrainConfig, pad
                     for i, row in enumerate(micro):
                         old[id(row)] = logp[i, : len(row.response_ids)].cpu()
     totals: dict[str, float] = {}
+    token_means = TokenMeans(groups)
     for mini in mini_batches:
         for micro in _split(mini, micro_count):
             weight = len(micro) / max(1, len(mini))
@@ -196,10 +202,43 @@ def update(policy: Policy, rows: list[Row], spare: Row, config: TrainConfig, pad
             logp_old = old_logprobs(batch, micro, old, config)
             metrics = policy.micro_step(batch, logp_old, weight, config.train.tis_cap)
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + weight * value / len(mini_batches)
+                if isinstance(value, list):
+                    token_means.add(name, micro, value)
+                else:
+                    totals[name] = totals.get(name, 0.0) + weight * value / len(mini_batches)
     totals["grad_norm"] = policy.grad_norm()
     # Every run logs the same columns; a term its algorithm does not have is null.
-    return {name: totals.get(name, math.nan) for name in metric_names()} | totals
+    return {name: totals.get(name, math.nan) for name in metric_names()} | totals | token_means.over_ranks()
+
+
+class TokenMeans:
+    """Per-response means, weighted by the responses' token counts into means over the step's tokens of
+    every rank: overall (``name``) and per group (``name/group``; null when the step has none of it)."""
+
+    def __init__(self, groups: list[str]) -> None:
+        self.groups = groups
+        # Per metric, rows (overall, then each group) of (Σ value × tokens, Σ tokens).
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, rows: list[Row], values: list[float]) -> None:
+        # Made even by a zero-row pass (its placeholder's values count for nothing): every rank must
+        # reduce the same metrics.
+        sums = self.sums.setdefault(name, torch.zeros((1 + len(self.groups), 2), dtype=torch.float64))
+        if not rows:
+            return
+        for row, value in zip(rows, values, strict=True):
+            tokens = len(row.response_ids)
+            slots = [0] + ([1 + self.groups.index(row.group)] if row.group in self.groups else [])
+            sums[slots] += torch.tensor([value * tokens, tokens], dtype=torch.float64)
+
+    def over_ranks(self) -> dict[str, float]:
+        means = {}
+        for name in sorted(self.sums):
+            total = sum_over_ranks(self.sums[name])
+            ratio = (total[:, 0] / total[:, 1]).tolist()  # 0/0 is NaN: logged as null
+            means[name] = ratio[0]
+            means |= {f"{name}/{group}": value for group, value in zip(self.groups, ratio[1:], strict=True)}
+        return means
 
 
 def old_logprobs(

@@ -34,6 +34,13 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return total / mask.sum().clamp(min=1)
 
 
+def response_means(values: Tensor, mask: Tensor) -> Tensor:
+    """Σ_t M·x / max(Σ_t M, 1) per response, ``[B]``: each response's mean over its valid tokens."""
+    mask = mask.bool()
+    total = torch.where(mask, values, torch.zeros_like(values)).sum(-1)
+    return total / mask.sum(-1).clamp(min=1)
+
+
 def logprobs_and_entropy(
     logits: Tensor, token_ids: Tensor, temperature: float = 1.0, suppressed_ids: Sequence[int] = ()
 ) -> tuple[Tensor, Tensor]:
@@ -268,7 +275,8 @@ class ObjectiveInputs:
 
 
 Term = Callable[[ObjectiveInputs, ObjectiveConfig], tuple[Tensor, dict[str, Tensor]]]
-"""What an algorithm adds to L_policy + β·L_KL, and the metrics it reports (detached scalars)."""
+"""What an algorithm adds to L_policy + β·L_KL, and the metrics it reports, detached: scalars, or ``[B]``
+per-response means that the trainer averages over the step's tokens, overall and per group."""
 
 
 def no_term(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, dict[str, Tensor]]:
@@ -299,7 +307,7 @@ def cppo_term(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor,
     )
     return config.cpl_coef * cpl, {
         "cpl_loss": cpl.detach(),
-        "perception_token_fraction": masked_mean(perception.float(), mask).detach(),
+        "perception_token_fraction": response_means(perception.float(), mask).detach(),
         "entropy_shift_mean": masked_mean(entropy_negative - entropy, mask).detach(),
     }
 
@@ -346,7 +354,7 @@ def policy_objective(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[
     papo:  L = L_policy + β·L_KL − γ·KL_prcp + η₁·Ĥ(I) + η₂·Ĥ(I_mask)
     cppo:  L = L_policy + β·L_KL + λ·L_CPL, on the advantage-gated perception tokens
 
-    The metrics are detached scalars.
+    The metrics are detached scalars, except the per-response ``[B]`` ones a term reports (``Term``).
     """
     algorithm = ALGORITHMS[config.algorithm]
     missing = [p for p in algorithm.passes if p not in inputs.logp or p not in inputs.entropy]

@@ -66,10 +66,12 @@ class Policy:
 
     def micro_step(
         self, batch: Batch, logp_old: Tensor | None, weight: float, tis_cap: float | None
-    ) -> dict[str, float]:
+    ) -> dict[str, float | list[float]]:
         """Forward the passes the algorithm needs, backward ``weight × loss``, and let DeepSpeed step at the
         mini-batch boundary. ``logp_old`` None means this is the only pass over the batch, so the old
-        policy is the current one and its log-probs are this pass's, detached."""
+        policy is the current one and its log-probs are this pass's, detached.
+
+        Returns the metrics: the micro-batch's means, and lists of per-response means (one per row)."""
         self.engine.train()
         mask = batch.response_mask.to(self.engine.device)
         logp, entropy = {}, {}
@@ -102,7 +104,7 @@ class Policy:
         self.engine.step()
         metrics["entropy_mean"] = masked_mean(entropy["clean"].detach(), mask)
         metrics["rollout_logprob_gap"] = masked_mean((old - rollout).abs(), mask)
-        return {name: float(value) for name, value in metrics.items()}
+        return {name: value.tolist() if value.ndim else float(value) for name, value in metrics.items()}
 
     def grad_norm(self) -> float:
         """The last optimizer step's gradient norm, before clipping."""
