@@ -9,7 +9,7 @@ TORCH_PIN := torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-main test-fast lint format docs clean
+.PHONY: setup setup-browser demo test test-main test-fast lint format docs clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH_INDEX) $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# Headless Chromium for the page tests (tests/test_inspect.py), from Debian's packages. It needs root (sudo
+# otherwise), so `make test` does not call it: .ci/run does. Without it those tests skip and say why.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+setup-browser:
+	test -x $(CHROMIUM) || $(SUDO) apt-get install -y -qq --no-install-recommends chromium \
+		|| ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium)
 
 # The whole system on this machine: the tiny model learns the colour task with CPPO (runs/demo).
 demo: setup

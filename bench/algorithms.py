@@ -15,9 +15,10 @@ What is reported, per task and algorithm, mean ± std over the seeds:
 - the seconds per training step (rollout, reward, update and weight sync; evaluation excluded) and the whole
   wall time of the run (startup and evaluations included).
 
-Results resume: a run whose ``metrics.jsonl`` reaches its last step is read, not rerun; an interrupted one is
-resumed from its latest checkpoint (``--resume``), its wall time summed over the attempts. The run folders
-live in ``--runs`` (``runs/bench-algorithms`` by default, outside git).
+Every run uses the code of one commit, checked out in ``RUNS/code`` (a git worktree) when the bench first
+runs. Results resume: a run whose ``metrics.jsonl`` reaches its last step is read, not rerun; an interrupted
+one is resumed from its latest checkpoint (``--resume``), its wall time summed over the attempts. The run
+folders live in ``--runs`` (``runs/bench-algorithms`` by default, outside git).
 """
 
 from __future__ import annotations
@@ -86,21 +87,36 @@ def finished(run: Run, folder: Path) -> bool:
     return bool(lines) and json.loads(lines[-1])["step"] == run.steps
 
 
-def execute(run: Run, runs: Path) -> None:
+def code_tree(runs: Path) -> tuple[Path, str]:
+    """Where every run's code comes from: a git worktree of the commit checked out when the bench first ran
+    into ``runs``, so that editing the repository meanwhile changes no run. Delete ``runs`` to measure
+    newer code."""
+    tree = runs / "code"
+    if not tree.exists():
+        runs.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), "HEAD"], cwd=REPO, check=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True, check=True
+    )
+    return tree, commit.stdout.strip()
+
+
+def execute(run: Run, runs: Path, tree: Path) -> None:
     """Train the run, resuming it if an earlier attempt left a checkpoint; its wall time is added to
     ``wall_seconds.json`` even when the attempt is interrupted."""
     folder = runs / run.name
     if finished(run, folder):
         return
     resume = ["--resume"] if any((folder / "checkpoints").glob("step-*")) else []
-    command = [str(REPO / ".venv/bin/cppo"), "stack", "up", "--config", "configs/demo.yaml", *resume]
+    command = [sys.executable, "-m", "shared.cli", "stack", "up", "--config", "configs/demo.yaml", *resume]
     print(f"{run.name}: {'resuming' if resume else 'starting'}", file=sys.stderr, flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
         with (folder / "bench.log").open("a") as log:
+            # Started in the worktree, `python -m` imports its packages, and the servers inherit it.
             done = subprocess.run(
-                [*command, *overrides(run, runs)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+                [*command, *overrides(run, runs)], cwd=tree, stdout=log, stderr=subprocess.STDOUT
             )
     finally:
         record = folder / "wall_seconds.json"
@@ -244,10 +260,12 @@ def main() -> None:
         for seed in args.seeds
         for algorithm in ALGORITHMS
     ]
+    tree, commit = code_tree(args.runs.resolve())
+    machine["git commit"] = f"{commit} (the runs' code)"
     for run in runs:
-        execute(run, args.runs.resolve())
+        execute(run, args.runs.resolve(), tree)
     rows = [summarise(run, args.runs.resolve()) for run in runs]
-    demo = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    demo = yaml.safe_load((tree / "configs/demo.yaml").read_text())
     settings = {
         "config": "configs/demo.yaml, apart from the task, steps, seed and algorithm",
         "steps": ", ".join(f"{task} {steps[task]}" for task in args.tasks),

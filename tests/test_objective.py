@@ -25,6 +25,7 @@ from trainer.objective import (
     masked_mean,
     metric_names,
     perception_token_mask,
+    perception_tokens,
     policy_objective,
     reference_kl,
     response_means,
@@ -384,6 +385,22 @@ def test_cppo_objective_by_hand():
     loss.backward()
     for name in ("clean", "positive", "negative"):
         assert batch.logp[name].grad[0, 1] != 0
+
+
+def test_perception_tokens_are_what_the_cppo_loss_averages():
+    batch = _batch()
+    config = ObjectiveConfig(algorithm="cppo")
+    tokens = perception_tokens(batch, config)
+    # Both rows select token 1 (row 1: ΔH = [1, 2], s = [1/2, 2/3]); row 1 has Â < 0, so only row 0 trains.
+    assert tokens.selected.tolist() == [[False, True, False], [False, True, False]]
+    assert tokens.trained.tolist() == [[False, True, False], [False, False, False]]
+    assert tokens.entropy_shift[0, :2].tolist() == [1.0, 2.0]
+    # ℓ⁺ = ℓ − 0.1 and ℓ⁻ = ℓ − 0.7 on every token: the values worked out in test_cppo_objective_by_hand.
+    assert tokens.d_positive[0, 1].item() == pytest.approx(0.004837, abs=1e-6)
+    assert tokens.d_negative[0, 1].item() == pytest.approx(0.196585, abs=1e-6)
+    assert tokens.contrastive[0, 1].item() == pytest.approx(0.137130, abs=1e-5)
+    _, metrics = policy_objective(batch, config)
+    assert metrics["cpl_loss"].item() == pytest.approx(masked_mean(tokens.contrastive, tokens.trained).item())
 
 
 def test_papo_objective_by_hand():

@@ -102,8 +102,9 @@ def test_training_steps_sync_weights_checkpoint_and_export(tmp_path, inputs, ser
         [servers["rollout"].url],
         servers["reward"].url,
         sync={"mode": "reference", "dir": str(sync_dir)},
-        eval={"every": 3},
+        eval={"every": 3, "inspect_prompts": 2},
         train={"max_staleness": 1, "drop_uniform_groups": True},
+        log={"tensorboard": True},
     )
     before = _version(servers["rollout"])
     done = _train("--config", str(config))
@@ -124,6 +125,13 @@ def test_training_steps_sync_weights_checkpoint_and_export(tmp_path, inputs, ser
     for key in ("eval_accuracy_greedy", "eval_accuracy_sampled", "eval_perception_gap"):
         assert key in metrics[0] and key in metrics[3]
     assert (run / "learning_curves.png").stat().st_size > 0
+    # Every evaluation draws the perception tokens of 2 test prompts to TensorBoard.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    pictures = events.Images("perception_tokens")
+    assert [p.step for p in pictures] == [0, 3] and min(p.height for p in pictures) > 200
     # The run folder records what the run resolved to.
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["rollout"]["urls"] == [servers["rollout"].url] and resolved["train"]["max_staleness"] == 1

@@ -170,19 +170,19 @@ def _rows_for(rewards: dict[str, list[float]]):
 
 def test_group_advantages_and_dropped_groups(monkeypatch):
     """Â = (r − mean)/(std + ε) per prompt: rewards [1, 0, 0, 0] have mean 0.25 and sample std 0.5."""
-    import trainer.loop as loop
+    import trainer.experience as experience
     from trainer.config import load_config
     from trainer.rollouts import ScoredBatch
 
     rows = _rows_for({"p": [1.0, 0.0, 0.0, 0.0], "q": [1.0, 1.0, 1.0, 1.0]})
-    monkeypatch.setattr(loop, "make_rows", lambda *args: rows)
+    monkeypatch.setattr(experience, "make_rows", lambda *args: rows)
     batch = ScoredBatch(step=1, examples=[], rollouts=[], rewards={})
-    kept, dropped, spare = loop.rows_with_advantages(None, batch, ("clean",), load_config(None))
+    kept, dropped, spare = experience.rows_with_advantages(None, batch, ("clean",), load_config(None))
     assert dropped == 0 and len(kept) == 8 and spare is rows[0]
     assert [round(r.advantage, 4) for r in kept[:4]] == [1.5, -0.5, -0.5, -0.5]
     assert [r.advantage for r in kept[4:]] == [0.0] * 4
     config = load_config(None, ["train.drop_uniform_groups=true"])
-    kept, dropped, _ = loop.rows_with_advantages(None, batch, ("clean",), config)
+    kept, dropped, _ = experience.rows_with_advantages(None, batch, ("clean",), config)
     assert dropped == 1 and {r.prompt_id for r in kept} == {"p"}
 
 

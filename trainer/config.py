@@ -231,6 +231,13 @@ class EvalConfig(Section):
     removed_view: ImageVariant = Field(
         default="negative", description="The view whose greedy accuracy the perception gap subtracts."
     )
+    inspect_prompts: int = Field(
+        default=4,
+        ge=0,
+        le=16,
+        description="Test prompts whose perception tokens (the picture of `cppo inspect`) are drawn to "
+        "TensorBoard and wandb at every evaluation; 0 is none.",
+    )
 
 
 class LogConfig(Section):

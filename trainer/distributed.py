@@ -7,12 +7,15 @@ One process or many (``deepspeed``, ``torchrun`` or ``accelerate launch`` set th
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
 from shared.launch import free_port
+
+T = TypeVar("T")
 
 
 def init_distributed() -> None:
@@ -41,6 +44,15 @@ def world_size() -> int:
 def barrier() -> None:
     if dist.is_initialized() and world_size() > 1:
         dist.barrier()
+
+
+def broadcast_from_rank0(value: T) -> T:
+    """Rank 0's ``value`` on every rank; pickled, which is safe only between this run's own processes."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:

@@ -13,6 +13,7 @@ With ``rollout.views_by`` set, the greedy accuracies are also logged per group (
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from statistics import fmean
 
 from shared.schemas import PromptRollout, RequestedViews, RolloutRequest, SamplingParams, ScoreItem
@@ -22,14 +23,15 @@ from trainer.data import Example
 from trainer.rollouts import prompt_views
 
 
-def _accuracies(
+def accuracies(
     config: TrainConfig,
     rewards: RewardClient,
     examples: list[Example],
     rollouts: list[PromptRollout],
     variant: str,
+    by: Callable[[Example], str | None] = lambda example: example.group,
 ) -> dict[str | None, float]:
-    """Accuracy of the samples drawn on ``variant``: overall (key None) and per group."""
+    """Accuracy of the samples drawn on ``variant``: overall (key None) and per ``by`` (the group)."""
     by_id = {e.id: e for e in examples}
     samples = [(r.prompt_id, s) for r in rollouts for s in r.samples if s.sampled_on == variant]
     items = [
@@ -45,11 +47,11 @@ def _accuracies(
     for (prompt_id, _), result in zip(samples, rewards.score(items) if items else [], strict=True):
         accuracy = result.components.get(config.reward.accuracy, 0.0)
         correct[None].append(accuracy)
-        if by_id[prompt_id].group is not None:
-            correct[by_id[prompt_id].group].append(accuracy)
+        if (key := by(by_id[prompt_id])) is not None:
+            correct[key].append(accuracy)
     if not correct:
         return {None: float("nan")}
-    return {group: fmean(values) for group, values in correct.items()}
+    return {key: fmean(values) for key, values in correct.items()}
 
 
 def evaluate(
@@ -80,11 +82,11 @@ def evaluate(
             views=RequestedViews(positive=None, negative=None),
         ),
     )
-    clean = _accuracies(config, rewards, examples, greedy, "clean")
-    blind = _accuracies(config, rewards, examples, greedy, removed)
+    clean = accuracies(config, rewards, examples, greedy, "clean")
+    blind = accuracies(config, rewards, examples, greedy, removed)
     metrics = {
         "eval_accuracy_greedy": clean[None],
-        "eval_accuracy_sampled": _accuracies(config, rewards, examples, sampled, "clean")[None],
+        "eval_accuracy_sampled": accuracies(config, rewards, examples, sampled, "clean")[None],
         "eval_accuracy_greedy_removed": blind[None],
         "eval_perception_gap": clean[None] - blind[None],
     }

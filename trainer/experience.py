@@ -21,7 +21,10 @@ from shared.images import ImageLimits, decode_image_url
 from shared.perturbations import perturb
 from shared.schemas import PromptRollout, Sample
 from shared.vlm import chat_template_messages, processed_size
+from trainer.config import TrainConfig
 from trainer.data import Example
+from trainer.objective import grpo_advantages
+from trainer.rollouts import ScoredBatch, step_seed
 
 # A prompt's images for each teacher-forced pass, by pass name; "clean" is always there.
 PassImages = dict[str, tuple[Image.Image, ...]]
@@ -196,3 +199,23 @@ def collate(rows: Sequence[Row], passes: Sequence[str], pad_id: int) -> Batch:
             inputs[name] |= {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
     advantages = torch.tensor([row.advantage for row in rows], dtype=torch.float32)
     return Batch(inputs, owner, response, mask, logprobs, advantages)
+
+
+def rows_with_advantages(
+    processor, batch: ScoredBatch, passes: tuple[str, ...], config: TrainConfig
+) -> tuple[list[Row], int, Row]:
+    """Training rows with Â = grpo_advantages per prompt (groups of equal rewards dropped if asked), the
+    number dropped, and a row to run zero-weight passes on if this rank has none left."""
+    seed = step_seed(config.seed, batch.step, 2)
+    rows = make_rows(processor, batch.examples, batch.rollouts, batch.rewards, passes, seed)
+    kept, dropped = [], 0
+    for prompt_id in dict.fromkeys(row.prompt_id for row in rows):
+        group = [row for row in rows if row.prompt_id == prompt_id]
+        rewards = torch.tensor([[row.reward for row in group]])
+        if config.train.drop_uniform_groups and bool((rewards == rewards[0, 0]).all()):
+            dropped += 1
+            continue
+        for row, advantage in zip(group, grpo_advantages(rewards)[0].tolist(), strict=True):
+            row.advantage = advantage
+        kept.extend(group)
+    return kept, dropped, rows[0]

@@ -93,6 +93,18 @@ class RunLog:
             )
             self.progress.update(self.task, completed=step, summary=shown)
 
+    def figure(self, name: str, figure, step: int) -> None:
+        """A matplotlib figure to TensorBoard and wandb (closed afterwards)."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(figure)}, step=step)
+        if self.tensorboard is not None:
+            self.tensorboard.add_figure(name, figure, step)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()

@@ -24,11 +24,19 @@ from trainer.checkpoint import TrainerState
 from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
 from trainer.data import evaluation_examples, training_prompts
-from trainer.distributed import init_distributed, mean_over_ranks, rank, sum_over_ranks, world_size
+from trainer.distributed import (
+    broadcast_from_rank0,
+    init_distributed,
+    mean_over_ranks,
+    rank,
+    sum_over_ranks,
+    world_size,
+)
 from trainer.evaluate import evaluate
-from trainer.experience import Batch, Row, collate, make_rows
+from trainer.experience import Batch, Row, collate, rows_with_advantages
+from trainer.inspection import inspect_tokens, perception_figure, sample
 from trainer.logs import RunLog, plot_curves, read_metrics, summary_table
-from trainer.objective import ALGORITHMS, grpo_advantages, metric_names
+from trainer.objective import ALGORITHMS, metric_names
 from trainer.policy import Policy
 from trainer.rollouts import Sampler, ScoredBatch, step_seed
 from trainer.sync import Publisher
@@ -65,7 +73,7 @@ def train(
     version = publisher.publish(max([state.policy_version, *replicas.versions().values()]) + 1)
     run_log = RunLog(config, state.step, policy.deepspeed_config, console) if rank() == 0 else None
     sampler = Sampler(config, replicas, rewards, stream, share_of, passes)
-    evaluation = Evaluator(config, replicas, rewards, tests)
+    evaluation = Evaluator(config, replicas, rewards, tests, policy, processor, run_log)
     try:
         if state.step == 0 and config.eval.every:
             record(run_log, {"step": 0, "policy_version": version, **evaluation(0)})
@@ -135,43 +143,45 @@ def share_of(examples: list) -> list:
 
 
 class Evaluator:
-    """Evaluation on the test split, by rank 0 only (the others get no metrics to log)."""
+    """Evaluation on the test split, by rank 0 only (the others get no metrics to log), and the picture of
+    the perception tokens of a few test prompts for the dashboards: sampled by rank 0, with every rank
+    running the passes (under ZeRO-3 a forward pass is collective)."""
 
     def __init__(
-        self, config: TrainConfig, replicas: RolloutReplicas, rewards: RewardClient, tests: list
+        self,
+        config: TrainConfig,
+        replicas: RolloutReplicas,
+        rewards: RewardClient,
+        tests: list,
+        policy: Policy,
+        processor,
+        run_log: RunLog | None,
     ) -> None:
         self.config, self.replicas, self.rewards, self.tests = config, replicas, rewards, tests
+        self.policy, self.processor, self.run_log = policy, processor, run_log
 
     def __call__(self, step: int) -> dict[str, float]:
+        seed = step_seed(self.config.seed, step, salt=1)
+        self.draw_perception_tokens(step, seed)
         if rank() != 0:
             return {}
-        seed = step_seed(self.config.seed, step, salt=1)
         return evaluate(self.config, self.replicas, self.rewards, self.tests, seed)
+
+    def draw_perception_tokens(self, step: int, seed: int) -> None:
+        log = self.config.log
+        if not self.config.eval.inspect_prompts or not (log.tensorboard or log.wandb_project):
+            return
+        examples = self.tests[: self.config.eval.inspect_prompts]
+        sampled = sample(self.config, self.replicas, self.rewards, examples, seed) if rank() == 0 else None
+        sampled = broadcast_from_rank0(sampled)
+        prompts = inspect_tokens(self.config, self.processor, self.policy.score_old, examples, sampled)
+        if self.run_log is not None:
+            self.run_log.figure("perception_tokens", perception_figure(prompts), step)
 
 
 def record(run_log: RunLog | None, metrics: dict) -> None:
     if run_log is not None:
         run_log.write(metrics)
-
-
-def rows_with_advantages(
-    processor, batch: ScoredBatch, passes: tuple[str, ...], config: TrainConfig
-) -> tuple[list[Row], int, Row]:
-    """Training rows with Â = grpo_advantages per prompt (groups of equal rewards dropped if asked), the
-    number dropped, and a row to run zero-weight passes on if this rank has none left."""
-    seed = step_seed(config.seed, batch.step, 2)
-    rows = make_rows(processor, batch.examples, batch.rollouts, batch.rewards, passes, seed)
-    kept, dropped = [], 0
-    for prompt_id in dict.fromkeys(row.prompt_id for row in rows):
-        group = [row for row in rows if row.prompt_id == prompt_id]
-        rewards = torch.tensor([[row.reward for row in group]])
-        if config.train.drop_uniform_groups and bool((rewards == rewards[0, 0]).all()):
-            dropped += 1
-            continue
-        for row, advantage in zip(group, grpo_advantages(rewards)[0].tolist(), strict=True):
-            row.advantage = advantage
-        kept.extend(group)
-    return kept, dropped, rows[0]
 
 
 def update(

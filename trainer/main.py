@@ -1,5 +1,6 @@
-"""The trainer's commands: ``cppo train``, ``cppo stack up`` and ``cppo export`` (also ``python -m trainer``,
-which is ``cppo train`` for launchers: ``torchrun -m trainer``, ``deepspeed --module trainer``)."""
+"""The trainer's commands: ``cppo train``, ``cppo stack up``, ``cppo export`` and ``cppo inspect`` (also
+``python -m trainer``, which is ``cppo train`` for launchers: ``torchrun -m trainer``,
+``deepspeed --module trainer``)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,28 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"exported {args.checkpoint} to {out}")
 
 
+def run_inspect(args: argparse.Namespace) -> None:
+    from trainer.checkpoint import resolve
+    from trainer.config import load_config
+    from trainer.inspect_page import write_inspection
+
+    if args.run is None and args.model is None:
+        raise ValueError("say what to inspect: --run RUN_DIR, or --model DIR")
+    config_file = args.config
+    if args.run is not None and config_file is None:
+        config_file = args.run / "config.yaml"
+        if not config_file.is_file():
+            raise ValueError(f"{args.run} is not a run folder (no config.yaml)")
+    overrides = [f"data.test_split={args.split}", *args.overrides]
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    config = load_config(config_file, overrides)
+    model = str(args.model or resolve(args.run, "latest") / "policy")
+    out = args.out or (args.run / "inspect.html" if args.run is not None else Path("inspect.html"))
+    written = write_inspection(config, model, args.prompts, out, args.rollout_url, args.reward_url)
+    print(f"wrote {written}")
+
+
 def add_commands(commands: Subcommands) -> None:
     train = commands.add_parser(
         "train",
@@ -113,3 +136,27 @@ def add_commands(commands: Subcommands) -> None:
     export.add_argument("checkpoint", type=Path, help="a checkpoint folder (run_dir/checkpoints/step-...)")
     export.add_argument("out", type=Path, help="output folder")
     export.set_defaults(handler=run_export)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="write an HTML page of the perception tokens CPPO selects in a model's responses",
+        description="Sample a few test prompts (through a rollout server and a reward server started for "
+        "the purpose, or the ones given), run the teacher-forced passes on I, I+ and I-, and write one "
+        "self-contained HTML page: the three images, each response's tokens coloured by the entropy rise "
+        "without the image's information, the selected tokens outlined, and every number per token.",
+    )
+    inspect.add_argument("--run", type=Path, help="a run folder: its latest checkpoint and its config.yaml")
+    inspect.add_argument("--model", help="a model folder (default with --run: the latest checkpoint's)")
+    inspect.add_argument("--config", type=Path, help="YAML training config (default with --run: the run's)")
+    inspect.add_argument("--data", help="the dataset folder or hub name (default: the config's data.path)")
+    inspect.add_argument("--split", default="test", help="the split to take prompts from (default: test)")
+    inspect.add_argument(
+        "--prompts", type=int, default=8, help="how many prompts, from the first (default: 8)"
+    )
+    inspect.add_argument("--rollout-url", help="a running rollout server serving the same model")
+    inspect.add_argument("--reward-url", help="a running reward server")
+    inspect.add_argument("--out", type=Path, help="the page (default: RUN_DIR/inspect.html or inspect.html)")
+    inspect.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override a config key, e.g. rollout.n=4"
+    )
+    inspect.set_defaults(handler=run_inspect)

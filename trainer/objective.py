@@ -160,6 +160,21 @@ def gate_by_advantage(mask: Tensor, advantages: Tensor) -> Tensor:
     return mask.bool() & (_per_token(advantages, mask.float()) > 0)
 
 
+def contrastive_term(
+    logp_anchor: Tensor, logp_positive: Tensor, logp_negative: Tensor, tau: float = 0.1
+) -> Tensor:
+    """CPL_t = softplus((D⁺_t − D⁻_t) / τ), D⁺_t = k3(ℓ_t(I), ℓ_t(I⁺)), D⁻_t = k3(ℓ_t(I), ℓ_t(I⁻)).
+
+    Elementwise. This is InfoNCE with one positive and one negative and similarity −D:
+    −log(e^{−D⁺/τ} / (e^{−D⁺/τ} + e^{−D⁻/τ})). Identical views give log 2.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    d_positive = k3_divergence(logp_anchor, logp_positive)
+    d_negative = k3_divergence(logp_anchor, logp_negative)
+    return F.softplus((d_positive - d_negative) / tau)
+
+
 def contrastive_perception_loss(
     logp_anchor: Tensor,
     logp_positive: Tensor,
@@ -167,18 +182,13 @@ def contrastive_perception_loss(
     mask: Tensor,
     tau: float = 0.1,
 ) -> Tensor:
-    """L_CPL = Σ M·CPL_t / max(Σ M, 1), CPL_t = softplus((D⁺_t − D⁻_t) / τ).
+    """L_CPL = Σ M·CPL_t / max(Σ M, 1), CPL_t the ``contrastive_term``.
 
-    D⁺_t = k3(ℓ_t(I), ℓ_t(I⁺)), D⁻_t = k3(ℓ_t(I), ℓ_t(I⁻)). This is InfoNCE with one positive and one
-    negative and similarity −D: −log(e^{−D⁺/τ} / (e^{−D⁺/τ} + e^{−D⁻/τ})). It pulls the anchor towards
-    the preserving view and away from the removing one; gradients flow through all three log-probs.
-    Identical views give log 2 per selected token; an empty mask gives exactly 0.
+    It pulls the anchor towards the preserving view and away from the removing one; gradients flow
+    through all three log-probs. Identical views give log 2 per selected token; an empty mask gives
+    exactly 0.
     """
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    d_positive = k3_divergence(logp_anchor, logp_positive)
-    d_negative = k3_divergence(logp_anchor, logp_negative)
-    return masked_mean(F.softplus((d_positive - d_negative) / tau), mask)
+    return masked_mean(contrastive_term(logp_anchor, logp_positive, logp_negative, tau), mask)
 
 
 def implicit_perception_loss(logp_clean: Tensor, logp_masked: Tensor, response_mask: Tensor) -> Tensor:
@@ -293,6 +303,40 @@ def papo_term(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor,
     entropy_reg = double_entropy_loss(logp, logp_masked, mask, config.papo_eta_clean, config.papo_eta_masked)
     term = -config.papo_gamma * kl_prcp + entropy_reg
     return term, {"perception_kl": kl_prcp.detach(), "entropy_loss": entropy_reg.detach()}
+
+
+@dataclass
+class PerceptionTokens:
+    """CPPO's quantities per response token, ``[B, T]`` each (no gradient): what ``cppo_term`` trains on,
+    and what ``cppo inspect`` shows."""
+
+    entropy_shift: Tensor
+    """ΔH_t = H_t(I⁻) − H_t(I)."""
+    selected: Tensor
+    """M_t, the ``perception_token_mask``."""
+    trained: Tensor
+    """M_t · 1[Â > 0] (``gate_by_advantage``): the tokens L_CPL averages over."""
+    d_positive: Tensor
+    """D⁺_t = k3(ℓ_t(I), ℓ_t(I⁺))."""
+    d_negative: Tensor
+    """D⁻_t = k3(ℓ_t(I), ℓ_t(I⁻))."""
+    contrastive: Tensor
+    """CPL_t, the ``contrastive_term``."""
+
+
+def perception_tokens(inputs: ObjectiveInputs, config: ObjectiveConfig) -> PerceptionTokens:
+    """The per-token view of CPPO, from the same functions as its loss."""
+    mask, logp = inputs.response_mask, {name: value.detach() for name, value in inputs.logp.items()}
+    entropy, entropy_negative = inputs.entropy["clean"], inputs.entropy["negative"]
+    selected = perception_token_mask(entropy, entropy_negative, mask, config.top_fraction)
+    return PerceptionTokens(
+        entropy_shift=(entropy_negative - entropy).detach(),
+        selected=selected,
+        trained=gate_by_advantage(selected, inputs.advantages),
+        d_positive=k3_divergence(logp["clean"], logp["positive"]),
+        d_negative=k3_divergence(logp["clean"], logp["negative"]),
+        contrastive=contrastive_term(logp["clean"], logp["positive"], logp["negative"], config.tau),
+    )
 
 
 def cppo_term(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, dict[str, Tensor]]:

@@ -53,10 +53,7 @@ class Policy:
         return torch.bfloat16 if use_bf16(self.config) else torch.float32
 
     def logprobs(self, model, batch: Batch, name: str) -> tuple[Tensor, Tensor]:
-        """ℓ_t and H_t of the response tokens in pass ``name``, teacher-forced: ``[B, R]`` each."""
-        logits = teacher_forced_logits(model, batch.inputs[name], batch.owner, batch.response_ids, self.dtype)
-        ids = batch.response_ids.to(logits.device)
-        return logprobs_and_entropy(logits, ids, self.temperature, self.suppressed_ids)
+        return response_logprobs(model, batch, name, self.dtype, self.temperature, self.suppressed_ids)
 
     @torch.no_grad()
     def score_old(self, batch: Batch, passes: tuple[str, ...]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -133,6 +130,20 @@ class Policy:
         self.engine.module.save_pretrained(
             folder, state_dict=state, safe_serialization=True, max_shard_size="100GB"
         )
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    batch: Batch,
+    name: str,
+    dtype: torch.dtype,
+    temperature: float,
+    suppressed_ids: list[int],
+) -> tuple[Tensor, Tensor]:
+    """ℓ_t and H_t of the response tokens in pass ``name``, teacher-forced: ``[B, R]`` each."""
+    logits = teacher_forced_logits(model, batch.inputs[name], batch.owner, batch.response_ids, dtype)
+    ids = batch.response_ids.to(logits.device)
+    return logprobs_and_entropy(logits, ids, temperature, suppressed_ids)
 
 
 def teacher_forced_logits(
