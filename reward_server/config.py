@@ -7,7 +7,6 @@ a flag wins over the environment, which wins over the default. This module impor
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Literal
@@ -16,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.net import is_loopback
+from shared.schemas import MAX_REWARD_WEIGHT
 
 PAPER_REWARD = "math:0.9,format:0.1"
 """The CPPO paper's reward: 0.9·accuracy + 0.1·format."""
@@ -48,8 +48,10 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
             weight = float(weight_text) if colon else 1.0
         except ValueError:
             raise ValueError(f"the weight of {name!r} in {spec!r} is not a number") from None
-        if not math.isfinite(weight):
-            raise ValueError(f"the weight of {name!r} in {spec!r} is not finite")
+        if not abs(weight) <= MAX_REWARD_WEIGHT:
+            raise ValueError(
+                f"the weight of {name!r} in {spec!r} is not a number within ±{MAX_REWARD_WEIGHT:g}"
+            )
         weights[name] = weight
     return weights
 

@@ -290,5 +290,8 @@ def _as_score(name: str, value: object) -> float:
 
 
 def combine(weights: Mapping[str, float], components: Mapping[str, float]) -> float:
-    """The weighted sum of the components."""
-    return math.fsum(weight * components[name] for name, weight in weights.items())
+    """The weighted sum of the components; not finite when it overflows (the service refuses that)."""
+    try:
+        return math.fsum(weight * components[name] for name, weight in weights.items())
+    except (OverflowError, ValueError):  # fsum's "intermediate overflow", and inf − inf
+        return math.nan

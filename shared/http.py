@@ -7,6 +7,7 @@ Every 4xx body is a ``shared.schemas.ErrorResponse`` naming the field to blame.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -19,6 +20,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.schemas import ErrorDetail, ErrorResponse
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -96,6 +99,39 @@ def bearer_auth(
         )
 
     return check
+
+
+class UnexpectedErrors:
+    """An exception no handler took answers 500 in the JSON error format, its traceback logged.
+
+    Answered here, not by Starlette's last resort, which re-raises after answering and so makes the server
+    close the connection, failing the client's other requests on it. An exception after the response has
+    started cannot be answered any more, and is re-raised."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception:
+            if started:
+                raise
+            log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
+            response = error_response(
+                500, None, "internal_error", "the server failed on this request; its log has the details"
+            )
+            await response(scope, receive, send)
 
 
 class BodyLimit:

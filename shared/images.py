@@ -53,6 +53,8 @@ class ImageLimits:
     """Largest file, in bytes after base64 decoding."""
     max_pixels: int = 4096 * 4096
     """Largest ``width * height``, checked on the header before any pixel is decoded."""
+    max_aspect_ratio: float = 200.0
+    """Largest ratio of the long side to the short one: Qwen-VL processors refuse anything above 200."""
     file_root: Path | None = None
     """Folder that ``file://`` URLs may read from; ``None`` refuses every ``file://`` URL."""
 
@@ -191,6 +193,12 @@ def _decode(raw: bytes, declared: str | None, limits: ImageLimits) -> Image.Imag
             raise ImageError(
                 "too_many_pixels",
                 f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
+            )
+        if max(width, height) > limits.max_aspect_ratio * min(width, height):
+            raise ImageError(
+                "aspect_ratio",
+                f"image is {width}x{height}, its long side more than {limits.max_aspect_ratio:g} times its "
+                "short one; the vision processor cannot resize it",
             )
         try:
             return image.convert("RGB")

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -73,6 +74,12 @@ MAX_REWARD_COMPONENTS = 64
 """Reward functions weighted in one item, components in one result, keys in a ``meta`` or log dict."""
 MAX_TEMPERATURE = 2.0
 """Highest sampling temperature, as in the OpenAI API."""
+MIN_TEMPERATURE = 0.01
+"""Lowest temperature above 0: below it, the logits divided by it overflow (0 itself is greedy)."""
+MIN_TOP_P = 0.001
+"""Lowest top-p: below it, the nucleus underflows to no token at all."""
+MAX_REWARD_WEIGHT = 1e6
+"""Largest weight of a reward function, in absolute value, so that the weighted sum stays finite."""
 MAX_TOP_K = 1 << 20
 """Highest top-k; above any vocabulary size in use."""
 TOKEN_ID_LIMIT = 2**31
@@ -86,6 +93,17 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}; {value} overflows the logits")
+    return value
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE), AfterValidator(_temperature)]
+TopP = Annotated[float, Field(ge=MIN_TOP_P, le=1.0)]
+RewardWeight = Annotated[float, Field(ge=-MAX_REWARD_WEIGHT, le=MAX_REWARD_WEIGHT, allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
 Version = Annotated[int, Field(ge=0)]
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
@@ -179,10 +197,10 @@ class ChatMessage(_Compatible):
 class SamplingParams(_Owned):
     """How responses are sampled."""
 
-    temperature: float = Field(
-        default=1.0, ge=0.0, le=MAX_TEMPERATURE, description="Softmax temperature; 0 is greedy."
+    temperature: Temperature = Field(
+        default=1.0, description="Softmax temperature: 0 is greedy, any other value at least 0.01."
     )
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 is off.")
+    top_p: TopP = Field(default=1.0, description="Nucleus sampling mass; 1 is off.")
     top_k: int = Field(
         default=-1, ge=-1, le=MAX_TOP_K, description="Sample among the k likeliest tokens; -1 is off."
     )
@@ -456,7 +474,7 @@ class ScoreItem(_Owned):
     response: Text = Field(description="The policy's response.")
     ground_truth: Text = Field(description="The reference answer.")
     reward: (
-        Name | Annotated[dict[Name, FiniteFloat], Field(min_length=1, max_length=MAX_REWARD_COMPONENTS)]
+        Name | Annotated[dict[Name, RewardWeight], Field(min_length=1, max_length=MAX_REWARD_COMPONENTS)]
     ) = Field(description="A reward function's name, or a weight per reward function name.")
     meta: dict[str, Any] | None = Field(
         default=None,
@@ -597,8 +615,10 @@ class ChatCompletionRequest(_Compatible):
         min_length=1, max_length=MAX_MESSAGES, description="The conversation to continue."
     )
     n: int = Field(default=1, ge=1, le=MAX_SAMPLES_PER_PROMPT, description="Completions to sample.")
-    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, description="Softmax temperature.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    temperature: Temperature = Field(
+        default=1.0, description="Softmax temperature: 0 is greedy, any other value at least 0.01."
+    )
+    top_p: TopP = Field(default=1.0, description="Nucleus sampling mass.")
     top_k: int = Field(default=-1, ge=-1, le=MAX_TOP_K, description="vLLM extension: top-k; -1 is off.")
     max_tokens: int | None = Field(
         default=None, ge=1, le=MAX_TOKENS, description="Most tokens per completion (legacy name)."

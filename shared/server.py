@@ -20,7 +20,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import SecretStr
 
-from shared.http import BodyLimit, Instrument, ServiceError, bearer_auth, install_error_handlers
+from shared.http import (
+    BodyLimit,
+    Instrument,
+    ServiceError,
+    UnexpectedErrors,
+    bearer_auth,
+    install_error_handlers,
+)
 from shared.schemas import ErrorResponse, Health, Readiness
 
 log = logging.getLogger("cppo.server")
@@ -129,7 +136,10 @@ def service_app(
     )
     app.state.startup = startup
     install_error_handlers(app)
+    # Outermost last: Instrument counts every answer, the 500s of UnexpectedErrors included, and BodyLimit's
+    # own exception never reaches UnexpectedErrors.
     app.add_middleware(BodyLimit, default_limit=settings.max_request_bytes, limits=body_limits)
+    app.add_middleware(UnexpectedErrors)
     app.add_middleware(Instrument, requests=metrics.requests, latency=metrics.latency)
 
     @app.get("/health", tags=["ops"])

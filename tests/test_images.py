@@ -195,6 +195,18 @@ def test_too_many_pixels_by_limit(no_pixel_decoding: None) -> None:
     assert "11x10" in str(error) and "100" in str(error)
 
 
+@pytest.mark.parametrize("size", [(4000, 1), (1, 201)])
+def test_a_sliver_the_processor_cannot_resize_is_refused_on_its_header(
+    size: tuple[int, int], no_pixel_decoding: None
+) -> None:
+    error = refusal(data_url(file_bytes(Image.new("RGB", size), "PNG")))
+    assert error.code == "aspect_ratio" and f"{size[0]}x{size[1]}" in str(error)
+
+
+def test_an_aspect_ratio_of_200_decodes() -> None:
+    assert decode_image_url(data_url(file_bytes(Image.new("RGB", (200, 1)), "PNG"))).size == (200, 1)
+
+
 def test_bomb_under_pils_limit_is_refused_on_its_header(no_pixel_decoding: None) -> None:
     raw = bomb_png(5000)
     assert len(raw) < 100_000

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -206,6 +207,16 @@ def test_weighted_combinations(client):
     assert results[4]["components"]["length_penalty"] == 1.0
 
 
+def test_a_weighted_sum_that_overflows_is_not_finite():
+    from reward_server.registry import combine
+
+    assert combine({"a": 2.0, "b": -1.0}, {"a": 0.5, "b": 0.25}) == 0.75
+    # fsum raises on an intermediate overflow and on inf − inf; the service makes a non-finite sum an item
+    # error instead of answering 500.
+    for weights in ({"a": 1e6, "b": 1e6}, {"a": 1e6, "b": -1e6}, {"a": 1.0, "b": 1.0}):
+        assert not math.isfinite(combine(weights, {"a": 1e308, "b": 1e308}))
+
+
 def test_empty_request_is_valid(client):
     assert score(client) == []
 
@@ -256,6 +267,9 @@ BAD_REQUESTS = [
         [{"id": "a", "response": "r", "reward": "math"}], 422, "items.0.ground_truth", id="missing-truth"
     ),
     pytest.param([item("a", "r", "1", {})], 422, "items.0.reward", id="no-weights"),
+    pytest.param(
+        [item("a", "r", "1", {"math": 1e308, "format": 1e308})], 422, "items.0.reward", id="weights-overflow"
+    ),
     pytest.param([item("a", "r", "1"), item("a", "r", "1")], 422, "items", id="duplicate-ids"),
     pytest.param([{**item("a", "r", "1"), "weight": 2}], 422, "items.0.weight", id="unknown-field"),
     pytest.param([item("a", "\ud800 lone surrogate", "1")], 422, "items.0.response", id="lone-surrogate"),

@@ -460,6 +460,24 @@ BAD_REQUESTS = {
         "prompts.0.messages.0.content.0.image_url.url",
         "too_many_pixels",
     ),
+    "an image too thin for the processor to resize": (
+        _with_image(_png_data_url((4000, 1))),
+        400,
+        "prompts.0.messages.0.content.0.image_url.url",
+        "aspect_ratio",
+    ),
+    "a top_p whose nucleus underflows": (
+        {**_with_image(_png_data_url((28, 28))), "sampling": {"top_p": 5e-324}},
+        422,
+        "sampling.top_p",
+        "validation_error",
+    ),
+    "a temperature that overflows the logits": (
+        {**_with_image(_png_data_url((28, 28))), "sampling": {"temperature": 1e-40}},
+        422,
+        "sampling.temperature",
+        "validation_error",
+    ),
     "too many images": (
         {
             "prompts": [

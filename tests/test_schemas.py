@@ -14,6 +14,9 @@ from shared.schemas import (
     MAX_PROMPTS_PER_REQUEST,
     MAX_SAMPLES_PER_PROMPT,
     MAX_TOKENS,
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
+    ChatCompletionRequest,
     ChatMessage,
     ErrorResponse,
     Health,
@@ -200,6 +203,10 @@ def test_view_transforms_must_belong_to_the_kind() -> None:
         ({"n": MAX_SAMPLES_PER_PROMPT + 1}, "n"),
         ({"sampling": {"temperature": -0.1}}, "sampling.temperature"),
         ({"sampling": {"top_p": 0.0}}, "sampling.top_p"),
+        # Values that would overflow the logits or empty the nucleus: refused, not NaN log-probs.
+        ({"sampling": {"top_p": 5e-324}}, "sampling.top_p"),
+        ({"sampling": {"temperature": 1e-40}}, "sampling.temperature"),
+        ({"sampling": {"temperature": 0.0099}}, "sampling.temperature"),
         ({"sampling": {"top_p": 1.01}}, "sampling.top_p"),
         ({"sampling": {"top_k": 0}}, "sampling.top_k"),
         ({"sampling": {"top_k": -2}}, "sampling.top_k"),
@@ -226,6 +233,11 @@ def test_prompt_count_limit() -> None:
 def test_sampling_bounds_are_inclusive() -> None:
     params = SamplingParams(temperature=0.0, top_p=1.0, top_k=1, max_tokens=MAX_TOKENS)
     assert params.temperature == 0.0 and params.max_tokens == MAX_TOKENS
+    low = SamplingParams(temperature=MIN_TEMPERATURE, top_p=MIN_TOP_P)
+    assert (low.temperature, low.top_p) == (MIN_TEMPERATURE, MIN_TOP_P)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-40}
+    field, _, message = only_error(ChatCompletionRequest, chat)
+    assert field == "temperature" and "0 (greedy)" in message
 
 
 # --- rollout responses ---------------------------------------------------------------------------
@@ -321,7 +333,15 @@ def test_score_item_reward_is_a_name_or_weights() -> None:
 
 
 @pytest.mark.parametrize(
-    "reward", [{}, {"accuracy": float("inf")}, {"accuracy": float("nan")}, "", {"": 1.0}]
+    "reward",
+    [
+        {},
+        {"accuracy": float("inf")},
+        {"accuracy": float("nan")},
+        "",
+        {"": 1.0},
+        {"math": 1e308, "format": 1e308},
+    ],
 )
 def test_score_item_bad_reward(reward: Any) -> None:
     assert all(field.startswith("reward") for field, _, _ in errors(ScoreItem, score_item(reward=reward)))

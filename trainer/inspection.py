@@ -11,6 +11,7 @@ as an HTML page (``trainer.inspect_page``); the trainer draws it to TensorBoard 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -233,8 +234,8 @@ def summary(prompts: list[InspectedPrompt]) -> dict[str, float]:
 
 def perception_figure(prompts: list[InspectedPrompt], max_responses: int = 8, max_tokens: int = 24):
     """The page's picture as a matplotlib figure, for TensorBoard and wandb: per prompt its three images
-    and a grid of its responses' tokens (rows), coloured by ΔH, the selected tokens outlined (dashed when
-    the advantage gate drops them)."""
+    and a grid of its first responses' tokens (rows), coloured by ΔH on one scale for the whole figure, the
+    selected tokens outlined (solid: trained on; dashed: dropped by the advantage gate)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,24 +244,26 @@ def perception_figure(prompts: list[InspectedPrompt], max_responses: int = 8, ma
 
     from shared.images import ImageLimits, decode_image_url
 
+    shifts = [abs(v) for p in prompts for r in p.responses[:max_responses] for v in r.values["entropy_shift"]]
+    limit = max(shifts, default=0.0) or 1e-6
     figure, axes = plt.subplots(
-        len(prompts), 4, figsize=(14, 2.6 * len(prompts)), squeeze=False, width_ratios=[1, 1, 1, 4]
+        len(prompts), 4, figsize=(14, 2.6 * len(prompts) + 0.6), squeeze=False, width_ratios=[1, 1, 1, 3]
     )
     for row, prompt in zip(axes, prompts, strict=True):
         for axis, variant in zip(row[:3], VARIANTS.values(), strict=True):
             axis.axis("off")
             if variant in prompt.images:
                 axis.imshow(decode_image_url(prompt.images[variant], ImageLimits()))
-                axis.set_title(f"{variant}  acc {prompt.accuracy.get(variant, float('nan')):.0f}", fontsize=9)
+                axis.set_title(
+                    f"{variant}: greedy acc {prompt.accuracy.get(variant, math.nan):.0f}", fontsize=9
+                )
         grid = row[3]
         responses = prompt.responses[:max_responses]
-        width = max((len(r.tokens) for r in responses), default=1)
-        width = min(width, max_tokens)
-        shift = torch.full((max(1, len(responses)), width), float("nan"))
+        width = min(max((len(r.tokens) for r in responses), default=1), max_tokens)
+        shift = torch.full((max(1, len(responses)), width), math.nan)
         for i, response in enumerate(responses):
             values = response.values["entropy_shift"][:width]
             shift[i, : len(values)] = torch.tensor(values)
-        limit = float(torch.nan_to_num(shift, nan=0.0).abs().max().clamp(min=1e-6))
         grid.imshow(shift.numpy(), cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
         for i, response in enumerate(responses):
             for t, token in enumerate(response.tokens[:width]):
@@ -274,9 +277,14 @@ def perception_figure(prompts: list[InspectedPrompt], max_responses: int = 8, ma
         grid.set_yticks(range(len(responses)), [f"r={r.reward:.2f} Â={r.advantage:+.2f}" for r in responses])
         grid.set_xticks([])
         grid.set_title(
-            f"{prompt.id} ({prompt.group or '-'}): answer {prompt.answer}; ΔH colour scale ±{limit:.2f}; "
-            f"selected {prompt.selected_fraction:.2f}, trained on {prompt.trained_fraction:.2f}",
+            f"{prompt.id} ({prompt.group or '-'}), answer {prompt.answer}: tokens selected "
+            f"{prompt.selected_fraction:.2f}, trained on {prompt.trained_fraction:.2f}",
             fontsize=9,
         )
+    figure.suptitle(
+        f"ΔH = H(I⁻) − H(I), blue −{limit:.2f} to red +{limit:.2f}; outlined: perception tokens "
+        "(solid: trained on, dashed: Â ≤ 0)",
+        fontsize=10,
+    )
     figure.tight_layout()
     return figure
