@@ -39,11 +39,16 @@ class Service:
 
 @contextmanager
 def running_service(
-    command: str, args: Sequence[str], log: Path, ready_timeout: float = 120, env: dict | None = None
+    command: str,
+    args: Sequence[str],
+    log: Path,
+    ready_timeout: float = 120,
+    env: dict | None = None,
+    port: int | None = None,
 ) -> Iterator[Service]:
-    """``cppo COMMAND ARGS --port P`` on a free port, its output in ``log``, until ``/ready`` answers
-    200; stopped (and reaped) afterwards."""
-    port = free_port()
+    """``cppo COMMAND ARGS --port P`` on ``port`` (a free one by default), its output in ``log``, until
+    ``/ready`` answers 200; stopped (and reaped) afterwards."""
+    port = port or free_port()
     with log.open("w") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "shared.cli", command, *args, "--port", str(port)],

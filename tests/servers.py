@@ -12,10 +12,15 @@ from shared.launch import Service, running_service
 
 @contextmanager
 def running_server(
-    command: str, args: list[str], log_dir: Path, ready_timeout: float = 120, env: dict | None = None
+    command: str,
+    args: list[str],
+    log_dir: Path,
+    ready_timeout: float = 120,
+    env: dict | None = None,
+    port: int | None = None,
 ) -> Iterator[Service]:
     log = log_dir / f"{command}-{uuid.uuid4().hex[:8]}.log"
-    with running_service(command, args, log, ready_timeout, env) as service:
+    with running_service(command, args, log, ready_timeout, env, port) as service:
         yield service
 
 

@@ -84,8 +84,8 @@ def test_the_pages_numbers_are_the_objectives(stack):
         return {p: response_logprobs(model, batch, p, torch.float32, 2.0, suppressed) for p in passes}
 
     examples = evaluation_examples(config.data, 2, config.rollout.views_by)
-    replicas = RolloutReplicas([stack["rollout"]], None, None, 120, 1)
-    rewards = RewardClient(stack["reward"], None, 120, 1)
+    replicas = RolloutReplicas.from_config(config.rollout, [stack["rollout"]])
+    rewards = RewardClient.from_config(config.reward, stack["reward"])
     sampled = sample(config, replicas, rewards, examples, seed=5)
     prompts = inspect_tokens(config, processor, score, examples, sampled)
     page = render_page(prompts, "test", config.objective)

@@ -328,6 +328,41 @@ def test_two_process_zero3_under_accelerate_launch_publishes_the_gathered_model(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("service", ["reward-server", "rollout-server"])
+def test_a_run_rides_out_a_service_down_for_10_s(tmp_path, inputs, servers, service):
+    """The reward server, or the only rollout replica, killed after step 2 and back 10 s later on the same
+    port: the run waits, retries, and logs every step once."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    args = ["--workers", "1"] if service == "reward-server" else ["--model", str(inputs["model"])]
+    port = free_port()
+    with running_server(service, args, logs, port=port) as victim:
+        rollout_urls = [victim.url] if service == "rollout-server" else [servers["rollout"].url]
+        reward_url = victim.url if service == "reward-server" else servers["reward"].url
+        config = _config(tmp_path, inputs, rollout_urls, reward_url, train={"steps": 5})
+        env = {**os.environ, "MASTER_PORT": str(free_port())}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "train", "--config", str(config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for_step(tmp_path / "run", 2, process)
+        victim.process.kill()
+        victim.process.wait()
+        # The outage itself, not a wait for readiness: the service stays away this long.
+        time.sleep(10)
+        with running_server(service, args, logs, port=port):
+            _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "retrying" in stderr or "waiting up to" in stderr
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert all(m["rows"] == 16 for m in metrics)
+
+
+@pytest.mark.slow
 def test_a_replica_killed_mid_run_is_skipped(tmp_path, inputs, servers):
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -1,7 +1,10 @@
 """HTTP clients of the rollout replicas and the reward server, speaking the schemas in ``shared.schemas``.
 
-Requests retry with exponential backoff (tenacity). A replica that still fails is set aside for the
-rest of the step and tried again at the next one; only when no replica is left does a step fail.
+Requests retry with exponential backoff, or as a 429's or 503's Retry-After says (tenacity). A replica that
+still fails is set aside for the rest of the step and tried again at the next one. When none is left, or the
+reward server fails, the clients ride the outage out: they wait up to ``outage_s`` for the service to come
+back and retry the step's requests, so that a restart costs time and no step; only past that does a step
+fail.
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import SecretStr
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+from tenacity.stop import StopBaseT
 
 from shared.schemas import (
     PromptRollout,
@@ -29,6 +40,7 @@ from shared.schemas import (
     WeightsStatus,
     WeightsUpdate,
 )
+from trainer.config import RewardConfig, RolloutConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +56,31 @@ def _retryable(error: BaseException) -> bool:
     return isinstance(error, httpx.TransportError)
 
 
-def _retrying(attempts: int) -> Retrying:
+_BACKOFF = wait_exponential(multiplier=0.2, max=5)
+
+
+def _wait(state: RetryCallState) -> float:
+    """Exponential backoff up to 5 s, or what a 429 or 503 asks in its Retry-After (at most a minute)."""
+    error = state.outcome.exception() if state.outcome is not None else None
+    if isinstance(error, httpx.HTTPStatusError):
+        after = error.response.headers.get("retry-after", "")
+        if after.isdigit():
+            return min(float(after), 60.0)
+    return _BACKOFF(state)
+
+
+def _say_retrying(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    pause = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("%s; try %d failed, retrying in %.1f s", explain(error), state.attempt_number, pause)
+
+
+def _retrying(stop: StopBaseT) -> Retrying:
     return Retrying(
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=0.2, max=5),
+        stop=stop,
+        wait=_wait,
         retry=retry_if_exception(_retryable),
+        before_sleep=_say_retrying,
         reraise=True,
     )
 
@@ -97,10 +129,11 @@ class RolloutReplicas:
         api_key: SecretStr | None,
         timeout_s: float,
         attempts: int,
+        outage_s: float,
     ) -> None:
         self.static_urls = list(urls)
         self.discover = discover
-        self.attempts = attempts
+        self.attempts, self.outage_s = attempts, outage_s
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10), headers=_headers(api_key))
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rollout")
         self.urls: list[str] = []
@@ -116,14 +149,14 @@ class RolloutReplicas:
         return [url for url in self.urls if url not in self.dead]
 
     def _post(self, url: str, path: str, **kwargs) -> httpx.Response:
-        for attempt in _retrying(self.attempts):
+        for attempt in _retrying(stop_after_attempt(self.attempts)):
             with attempt:
                 response = self.client.post(url + path, **kwargs)
                 response.raise_for_status()
         return response
 
     def _get(self, url: str, path: str) -> httpx.Response:
-        for attempt in _retrying(self.attempts):
+        for attempt in _retrying(stop_after_attempt(self.attempts)):
             with attempt:
                 response = self.client.get(url + path)
                 response.raise_for_status()
@@ -132,6 +165,34 @@ class RolloutReplicas:
     def _set_aside(self, url: str, error: BaseException) -> None:
         self.dead[url] = explain(error)
         log.warning("rollout replica %s set aside until the next step: %s", url, self.dead[url])
+
+    @classmethod
+    def from_config(cls, config: RolloutConfig, urls: Sequence[str] | None = None) -> RolloutReplicas:
+        """The replicas ``config`` names, or ``urls``."""
+        discover = None if urls is not None else config.discover
+        return cls(
+            config.urls if urls is None else urls,
+            discover,
+            config.api_key,
+            config.timeout_s,
+            config.attempts,
+            config.outage_s,
+        )
+
+    def _revive(self, deadline: float, failure: str) -> list[str]:
+        """Every replica has failed: give each another chance, and wait until one answers ``/ready`` (a
+        restart, a network blip). ReplicaError past ``deadline``."""
+        reasons = "; ".join(f"{url}: {why}" for url, why in self.dead.items())
+        left = max(0.0, deadline - time.monotonic())
+        log.warning("%s (%s); waiting up to %.0f s for a replica to come back", failure, reasons, left)
+        self.refresh()
+        try:
+            self.wait_until_ready(left)
+        except ReplicaError:
+            raise ReplicaError(
+                f"{failure}, and none came back within rollout.outage_s = {self.outage_s:g} s: {reasons}"
+            ) from None
+        return self.live()
 
     def wait_until_ready(self, timeout_s: float) -> None:
         """Block until at least one replica answers ``/ready``."""
@@ -162,11 +223,12 @@ class RolloutReplicas:
         """
         pending = {i: list(prompts[i :: max(1, len(self.live()))]) for i in range(max(1, len(self.live())))}
         results: dict[str, PromptRollout] = {}
+        deadline: float | None = None
         while pending:
             live = self.live()
             if not live:
-                reasons = "; ".join(f"{url}: {why}" for url, why in self.dead.items())
-                raise ReplicaError(f"every rollout replica failed: {reasons}")
+                deadline = deadline or time.monotonic() + self.outage_s
+                live = self._revive(deadline, "every rollout replica failed")
             futures: dict[Future, tuple[int, str]] = {}
             for slot, chunk in pending.items():
                 url = live[slot % len(live)]
@@ -225,17 +287,19 @@ class RolloutReplicas:
                 raise ValueError(f"{url} reports version {reported} after loading {version}")
             return url
 
-        synced = []
-        targets = [url for url in self.live() if only is None or url in only]
-        for url, future in [(url, self.pool.submit(push, url)) for url in targets]:
-            try:
-                synced.append(future.result())
-            except (httpx.HTTPError, ValueError) as error:
-                self._set_aside(url, error)
-        if not synced:
-            reasons = "; ".join(f"{url}: {why}" for url, why in self.dead.items())
-            raise ReplicaError(f"no rollout replica loaded version {version}: {reasons}")
-        return synced
+        deadline: float | None = None
+        while True:
+            synced = []
+            targets = [url for url in self.live() if only is None or url in only]
+            for url, future in [(url, self.pool.submit(push, url)) for url in targets]:
+                try:
+                    synced.append(future.result())
+                except (httpx.HTTPError, ValueError) as error:
+                    self._set_aside(url, error)
+            if synced:
+                return synced
+            deadline = deadline or time.monotonic() + self.outage_s
+            self._revive(deadline, f"no rollout replica loaded version {version}")
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -245,20 +309,26 @@ class RolloutReplicas:
 class RewardClient:
     """``POST /v1/score`` with retries."""
 
-    def __init__(self, url: str, api_key: SecretStr | None, timeout_s: float, attempts: int) -> None:
+    def __init__(self, url: str, api_key: SecretStr | None, timeout_s: float, outage_s: float) -> None:
         self.url = url.rstrip("/")
-        self.attempts = attempts
+        self.outage_s = outage_s
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10), headers=_headers(api_key))
 
     def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
         if not items:
             return []
         body = ScoreRequest(items=items).model_dump_json(exclude_none=True)
-        for attempt in _retrying(self.attempts):
+        # One server, nowhere else to go: retried for as long as an outage may last.
+        for attempt in _retrying(stop_after_delay(self.outage_s)):
             with attempt:
                 response = self.client.post(self.url + "/v1/score", content=body)
                 response.raise_for_status()
         return ScoreResponse.model_validate_json(response.content).results
+
+    @classmethod
+    def from_config(cls, config: RewardConfig, url: str | None = None) -> RewardClient:
+        """The reward server ``config`` names, or ``url``."""
+        return cls(url or config.url, config.api_key, config.timeout_s, config.outage_s)
 
     def wait_until_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

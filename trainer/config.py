@@ -103,6 +103,12 @@ class RolloutConfig(Section):
     attempts: int = Field(
         default=4, ge=1, le=20, description="Tries per request before a replica is skipped."
     )
+    outage_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="Seconds to wait for a replica to come back once every one has failed, before the run "
+        "stops (the step's requests are retried then).",
+    )
     ready_timeout_s: float = Field(default=600.0, gt=0, description="Seconds to wait for a live replica.")
 
     @field_validator("positive_transforms", "negative_transforms")
@@ -148,7 +154,12 @@ class RewardConfig(Section):
     )
     accuracy: str = Field(default="math", description="The reward component logged as accuracy.")
     timeout_s: float = Field(default=120.0, gt=0, description="Seconds one scoring request may take.")
-    attempts: int = Field(default=4, ge=1, le=20, description="Tries per scoring request.")
+    outage_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="Seconds to keep retrying a scoring request while the server fails or is unreachable "
+        "(backing off, or as its Retry-After says), before the run stops.",
+    )
     ready_timeout_s: float = Field(
         default=600.0, gt=0, description="Seconds to wait for the reward server's workers."
     )

@@ -122,22 +122,22 @@ def write_inspection(
                 "reward-server", ["--host", "127.0.0.1"], Path(logs) / "reward-server.log"
             )
             reward_url = stack.enter_context(started).url
-        rollout, reward = config.rollout, config.reward
-        replicas = RolloutReplicas([rollout_url], None, rollout.api_key, rollout.timeout_s, rollout.attempts)
-        rewards = RewardClient(reward_url, reward.api_key, reward.timeout_s, reward.attempts)
+        replicas = RolloutReplicas.from_config(config.rollout, [rollout_url])
+        rewards = RewardClient.from_config(config.reward, reward_url)
         stack.callback(replicas.close)
         stack.callback(rewards.close)
-        replicas.wait_until_ready(rollout.ready_timeout_s)
-        rewards.wait_until_ready(reward.ready_timeout_s)
+        replicas.wait_until_ready(config.rollout.ready_timeout_s)
+        rewards.wait_until_ready(config.reward.ready_timeout_s)
         sampled = sample(config, replicas, rewards, examples, config.seed)
 
     policy = load_model(model, dtype=torch.float32).eval()
     suppressed = suppressed_token_ids(processor.tokenizer)
+    temperature = config.rollout.temperature
 
     @torch.no_grad()
     def score(batch: Batch, passes: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {
-            name: response_logprobs(policy, batch, name, torch.float32, rollout.temperature, suppressed)
+            name: response_logprobs(policy, batch, name, torch.float32, temperature, suppressed)
             for name in passes
         }
 

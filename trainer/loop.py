@@ -21,7 +21,7 @@ from rich.console import Console
 from shared.vlm import load_processor, suppressed_token_ids
 from trainer import checkpoint
 from trainer.checkpoint import TrainerState
-from trainer.clients import RewardClient, RolloutReplicas
+from trainer.clients import ReplicaError, RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
 from trainer.data import evaluation_examples, training_prompts
 from trainer.distributed import (
@@ -99,6 +99,8 @@ def train(
             ):
                 state = TrainerState(step=step, policy_version=version, data=batch.data_position)
                 checkpoint.save(policy, processor, config.run_dir, state, config.checkpoint.keep)
+    except ReplicaError as error:
+        raise ReplicaError(f"{error}. {resume_hint(config.run_dir)}") from error
     finally:
         sampler.close()
         replicas.close()
@@ -113,6 +115,13 @@ def train(
 # --- helpers, in the order the loop calls them ---------------------------------------------------
 
 
+def resume_hint(run_dir: Path) -> str:
+    found = checkpoint.list_checkpoints(run_dir)
+    if not found:
+        return "No checkpoint was written yet"
+    return f"The latest checkpoint is {found[-1]}: continue from it with --resume"
+
+
 def quiet_libraries() -> None:
     """The run's own progress bar is the one to watch; the libraries' per-call bars only scroll it away."""
     datasets.disable_progress_bars()
@@ -120,13 +129,9 @@ def quiet_libraries() -> None:
 
 
 def connect(config: TrainConfig) -> tuple[RolloutReplicas, RewardClient]:
-    rollout, reward = config.rollout, config.reward
-    replicas = RolloutReplicas(
-        rollout.urls, rollout.discover, rollout.api_key, rollout.timeout_s, rollout.attempts
-    )
-    rewards = RewardClient(reward.url, reward.api_key, reward.timeout_s, reward.attempts)
-    replicas.wait_until_ready(rollout.ready_timeout_s)
-    rewards.wait_until_ready(reward.ready_timeout_s)
+    replicas, rewards = RolloutReplicas.from_config(config.rollout), RewardClient.from_config(config.reward)
+    replicas.wait_until_ready(config.rollout.ready_timeout_s)
+    rewards.wait_until_ready(config.reward.ready_timeout_s)
     return replicas, rewards
 
 
