@@ -37,6 +37,11 @@ class RewardMetrics(RequestMetrics):
         self.queue_depth = Gauge(
             "cppo_reward_queue_depth", "Items waiting for a worker", registry=self.registry
         )
+        self.shed = Counter(
+            "cppo_reward_shed_requests",
+            "Requests refused with 503 because max_queued_items would be passed",
+            registry=self.registry,
+        )
         # Every label value from the start, so that dashboards see zeros rather than gaps.
         for status in ("ok", "timeout", "error"):
             self.items.labels(status)

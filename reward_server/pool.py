@@ -163,6 +163,8 @@ class WorkerPool:
         if self._jobs is None or self._closed:
             raise RuntimeError("the pool is not running")
         if self.queued + len(tasks) > self.max_queued:
+            if self.metrics is not None:
+                self.metrics.shed.inc()
             raise PoolBusy(
                 f"{self.queued} items are queued and this request adds {len(tasks)}, more than the "
                 f"server's limit of {self.max_queued}; retry later"

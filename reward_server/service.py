@@ -105,7 +105,7 @@ class RewardService:
         try:
             return await self.pool.score(tasks)
         except PoolBusy as busy:
-            raise ServiceError(503, None, "overloaded", str(busy)) from None
+            raise ServiceError(503, None, "overloaded", str(busy), retry_after=1) from None
 
 
 def _result(item_id: str, weights: Mapping[str, float], outcome: Outcome) -> ScoreResult:

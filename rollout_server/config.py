@@ -68,6 +68,12 @@ class RolloutSettings(BaseSettings):
         None, ge=16, description="context length, prompt and response (default: the model's)"
     )
     max_batch_size: int = Field(64, ge=1, description="transformers: most sequences in one generate call")
+    max_queued_sequences: int | None = Field(
+        None,
+        ge=1,
+        description="most sequences (prompts x n x images sampled on) waiting or running; a request past it "
+        "gets 429 with Retry-After, unless the server is idle (default: 16 x max_batch_size)",
+    )
     max_wait_ms: float = Field(
         5.0, ge=0, description="transformers: how long a batch waits for more requests, in ms"
     )
@@ -77,6 +83,9 @@ class RolloutSettings(BaseSettings):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per replica")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+
+    def queue_limit(self) -> int:
+        return self.max_queued_sequences or 16 * self.max_batch_size
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(

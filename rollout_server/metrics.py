@@ -30,6 +30,16 @@ class RolloutMetrics(RequestMetrics):
         self.queue_depth = Gauge(
             "cppo_rollout_queue_depth", "Generation requests waiting or running", registry=self.registry
         )
+        self.queued_sequences = Gauge(
+            "cppo_rollout_queued_sequences",
+            "Sequences admitted and not yet answered (what max_queued_sequences bounds)",
+            registry=self.registry,
+        )
+        self.shed = Counter(
+            "cppo_rollout_shed_requests",
+            "Requests refused with 429 because the queue was full",
+            registry=self.registry,
+        )
         self.policy_version = Gauge(
             "cppo_rollout_policy_version", "Version of the weights being served", registry=self.registry
         )

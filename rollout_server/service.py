@@ -149,6 +149,7 @@ class RolloutService:
         self.metrics = metrics
         self.stager = stager
         self.gate = VersionGate()
+        self.queued = 0
         self.version = 0
         self.weights_path: str | None = str(stager.model_folder)
         self.loaded_at = datetime.now(UTC)
@@ -173,7 +174,35 @@ class RolloutService:
             self.metrics.samples.labels(sample.finish_reason).inc()
         return generation
 
+    @asynccontextmanager
+    async def _admitted(self, sequences: int) -> AsyncIterator[None]:
+        """Back-pressure: a request whose sequences would take the queue past its limit is refused at once
+        with 429 and Retry-After (before any image is decoded), unless nothing is queued, so that a single
+        request larger than the limit is still served."""
+        limit = self.settings.queue_limit()
+        if self.queued and self.queued + sequences > limit:
+            self.metrics.shed.inc()
+            raise ServiceError(
+                429,
+                None,
+                "overloaded",
+                f"{self.queued} sequences are queued and this request adds {sequences}, more than this "
+                f"server's limit of {limit}; retry later",
+                retry_after=1,
+            )
+        self.queued += sequences
+        self.metrics.queued_sequences.set(self.queued)
+        try:
+            yield
+        finally:
+            self.queued -= sequences
+            self.metrics.queued_sequences.set(self.queued)
+
     async def rollouts(self, request: RolloutRequest) -> RolloutResponse:
+        async with self._admitted(len(request.prompts) * request.n * len(request.sample_on)):
+            return await self._rollouts(request)
+
+    async def _rollouts(self, request: RolloutRequest) -> RolloutResponse:
         limits = self.settings.image_limits()
         images = await asyncio.gather(
             *(
@@ -264,6 +293,10 @@ class RolloutService:
         )
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
+        async with self._admitted(request.n):
+            return await self._chat(request)
+
+    async def _chat(self, request: ChatCompletionRequest) -> ChatCompletion:
         if request.model is not None and request.model != self.settings.name():
             raise ServiceError(
                 404,

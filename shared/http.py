@@ -30,9 +30,13 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 class ServiceError(Exception):
     """A refused request: HTTP status, the field to blame, a code for programs, a message for people."""
 
-    def __init__(self, status: int, field: str | None, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, field: str | None, code: str, message: str, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.field, self.code, self.message = status, field, code, message
+        self.retry_after = retry_after
+        """Seconds after which asking again may succeed (sent as ``Retry-After``): an overloaded server."""
 
 
 def error_response(status: int, field: str | None, code: str, message: str, headers=None) -> JSONResponse:
@@ -65,7 +69,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _refused(request: Request, error: ServiceError) -> JSONResponse:
-        return error_response(error.status, error.field, error.code, error.message)
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+        return error_response(error.status, error.field, error.code, error.message, headers=headers)
 
     # Starlette's HTTPException, which FastAPI's own subclasses; the router raises it for 404 and 405.
     @app.exception_handler(HTTPException)

@@ -526,8 +526,9 @@ def test_api_key_and_queue_limit(tmp_path):
         assert openrlhf_post(client, ["Q red"], ["Q"], ["red"], "/get_reward?api_key=nope").status_code == 401
         assert client.post("/v1/score?api_key=s3cret-key", json=one).status_code == 401
         five = {"items": [item(str(i), "red", "red", "exact") for i in range(5)]}
-        error = refusal(client.post("/v1/score", json=five, headers=right), 503)
-        assert error["code"] == "overloaded"
+        shed = client.post("/v1/score", json=five, headers=right)
+        assert refusal(shed, 503)["code"] == "overloaded" and shed.headers["retry-after"] == "1"
+        assert metric(client.get("/metrics").text, "cppo_reward_shed_requests_total") == 1
         assert "s3cret-key" not in server.output()  # the access log redacts ?api_key=
 
 
