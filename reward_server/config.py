@@ -14,7 +14,6 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.net import is_loopback
 from shared.schemas import MAX_REWARD_WEIGHT
 
 PAPER_REWARD = "math:0.9,format:0.1"
@@ -74,8 +73,8 @@ class RewardSettings(BaseSettings):
         description="bearer token required on every route but /health, /ready and /metrics "
         "(/get_reward also takes it as ?api_key=, for OpenRLHF)",
     )
-    allow_unauthenticated: bool = Field(
-        False, description="serve without an API key on a non-loopback address (trusted networks only)"
+    insecure_no_auth: bool = Field(
+        False, description="serve on a non-loopback address without an API key (trusted networks only)"
     )
     workers: int = Field(
         _usable_cores(), ge=1, le=256, description="scoring worker processes; defaults to the usable cores"
@@ -117,13 +116,3 @@ class RewardSettings(BaseSettings):
 
     def openrlhf_weights(self) -> dict[str, float]:
         return parse_reward_spec(self.openrlhf_reward)
-
-    def auth_problem(self) -> str | None:
-        """Why the server must not start as configured, if it must not: without a key, anyone who can
-        reach the address can use the workers, so a reachable address needs one or an explicit waiver."""
-        if self.api_key is not None or self.allow_unauthenticated or is_loopback(self.host):
-            return None
-        return (
-            f"refusing to serve on {self.host} without an API key; set --api-key, "
-            "or (on a trusted network) --allow-unauthenticated"
-        )

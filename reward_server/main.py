@@ -9,7 +9,7 @@ import uvicorn
 
 from reward_server.app import create_app
 from reward_server.config import RewardSettings
-from shared.settings import show_settings
+from shared.settings import exposure_problem, show_settings, warn_if_exposed
 
 _KEY_IN_QUERY = re.compile(r"(api_key=)[^&\s]*")
 
@@ -27,11 +27,12 @@ class RedactKeys(logging.Filter):
 
 def serve(settings: RewardSettings) -> None:
     """Refuse an insecure address, load the plugins (a bad one is a ``ValueError``), then serve."""
-    problem = settings.auth_problem()
+    problem = exposure_problem(settings.host, settings.api_key, settings.insecure_no_auth)
     if problem:
         raise ValueError(problem)
     app = create_app(settings)
     show_settings(settings, "reward server settings")
+    warn_if_exposed(settings.host, settings.api_key)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     logging.getLogger("uvicorn.access").addFilter(RedactKeys())  # after Config, which sets up logging
     uvicorn.Server(config).run()

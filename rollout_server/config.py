@@ -13,7 +13,6 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.images import ImageLimits
-from shared.net import is_loopback
 from shared.schemas import MAX_IMAGES_PER_PROMPT
 
 
@@ -43,8 +42,8 @@ class RolloutSettings(BaseSettings):
     enable_weight_updates: bool = Field(
         True, description="serve POST /v1/weights (the trainer's weight sync)"
     )
-    allow_unauthenticated_weights: bool = Field(
-        False, description="allow weight updates without an API key on a non-loopback address"
+    insecure_no_auth: bool = Field(
+        False, description="serve on a non-loopback address without an API key (trusted networks only)"
     )
     weights_root: Path | None = Field(
         None, description="if set, POST /v1/weights only loads checkpoints under this folder"
@@ -94,15 +93,3 @@ class RolloutSettings(BaseSettings):
 
     def name(self) -> str:
         return self.served_model_name or self.model
-
-    def weights_update_problem(self) -> str | None:
-        """Why the server must not start as configured, if it must not: weight updates replace the
-        model, so they are never served on a reachable address without a key by accident."""
-        if not self.enable_weight_updates or self.api_key is not None or self.allow_unauthenticated_weights:
-            return None
-        if is_loopback(self.host):
-            return None
-        return (
-            f"refusing to serve weight updates on {self.host} without an API key; set --api-key, "
-            "or --no-enable-weight-updates, or (on a trusted network) --allow-unauthenticated-weights"
-        )

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
+from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -80,30 +81,35 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error.status_code, field, code, str(error.detail), headers=error.headers)
 
 
-def bearer_auth(
-    api_key: str | None, query_key_paths: frozenset[str] = frozenset()
-) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that, with a key set, requires ``Authorization: Bearer <key>`` outside OPEN_PATHS.
-
-    On ``query_key_paths`` the key may come as ``?api_key=<key>`` instead, for clients that call a
+class BearerAuth:
+    """With a key set, requires ``Authorization: Bearer <key>`` outside OPEN_PATHS, checked on the headers
+    before any of the body is read: a client without the key cannot make the server read (or hold) a large
+    body. On ``query_key_paths`` the key may come as ``?api_key=<key>`` instead, for clients that call a
     configured URL but send no headers of their own (OpenRLHF's remote reward model client)."""
-    expected = api_key.encode() if api_key is not None else None
 
-    async def check(request: Request) -> None:
-        if expected is None or request.url.path in OPEN_PATHS:
+    def __init__(
+        self, app: ASGIApp, api_key: str | None, query_key_paths: frozenset[str] = frozenset()
+    ) -> None:
+        self.app = app
+        self.expected = api_key.encode() if api_key is not None else None
+        self.query_key_paths = query_key_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.expected is None or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), expected):
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        given = QueryParams(scope["query_string"]).get("api_key")
+        in_query = scope["path"] in self.query_key_paths and given is not None
+        if (scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), self.expected)) or (
+            in_query and secrets.compare_digest(given.encode(), self.expected)
+        ):
+            await self.app(scope, receive, send)
             return
-        given = request.query_params.get("api_key")
-        in_query = request.url.path in query_key_paths and given is not None
-        if in_query and secrets.compare_digest(given.encode(), expected):
-            return
-        raise ServiceError(
+        response = error_response(
             401, "Authorization", "unauthorized", "a valid 'Authorization: Bearer <key>' is required"
         )
-
-    return check
+        await response(scope, receive, send)
 
 
 class UnexpectedErrors:

@@ -15,17 +15,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import SecretStr
 
 from shared.http import (
+    BearerAuth,
     BodyLimit,
     Instrument,
     ServiceError,
     UnexpectedErrors,
-    bearer_auth,
     install_error_handlers,
 )
 from shared.schemas import ErrorResponse, Health, Readiness
@@ -131,14 +131,15 @@ def service_app(
         title=title,
         summary=summary,
         lifespan=lifespan,
-        dependencies=[Depends(bearer_auth(api_key, query_key_paths))],
         responses={code: {"model": ErrorResponse} for code in errors},
     )
     app.state.startup = startup
     install_error_handlers(app)
-    # Outermost last: Instrument counts every answer, the 500s of UnexpectedErrors included, and BodyLimit's
-    # own exception never reaches UnexpectedErrors.
+    # Outermost last: Instrument counts every answer, the 500s of UnexpectedErrors included; BearerAuth
+    # answers before BodyLimit lets any of the body in; BodyLimit's own exception never reaches
+    # UnexpectedErrors.
     app.add_middleware(BodyLimit, default_limit=settings.max_request_bytes, limits=body_limits)
+    app.add_middleware(BearerAuth, api_key=api_key, query_key_paths=query_key_paths)
     app.add_middleware(UnexpectedErrors)
     app.add_middleware(Instrument, requests=metrics.requests, latency=metrics.latency)
 

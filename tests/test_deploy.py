@@ -33,6 +33,7 @@ from pydantic_settings import CliSettingsSource
 from reward_server.config import RewardSettings
 from rollout_server.config import RolloutSettings
 from shared.cli import build_parser
+from shared.settings import exposure_problem
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -711,12 +712,14 @@ def test_servers_start_as_configured(invocation: Invocation) -> None:
     settings = settings_from(invocation.argv[0], invocation.env, invocation.argv[1:])
     default_port = type(settings).model_fields["port"].default
     assert settings.port == default_port, f"{invocation.where}: use the default port {default_port}"
+    assert exposure_problem(settings.host, settings.api_key, settings.insecure_no_auth) is None, (
+        invocation.where
+    )
     if isinstance(settings, RolloutSettings):
-        assert settings.weights_update_problem() is None, invocation.where
         assert settings.weights_root is not None, f"{invocation.where}: set a weights root (sync.dir)"
-    else:
-        assert settings.auth_problem() is None, invocation.where
-    assert settings.api_key is not None, f"{invocation.where}: the server must require a key"
+    assert settings.api_key is not None and not settings.insecure_no_auth, (
+        f"{invocation.where}: the server must require a key"
+    )
 
 
 # ------------------------------------------------------------------------------------ training configs

@@ -41,6 +41,7 @@ from reward_server.rewards import (
     numeric_reward,
     parse_number,
 )
+from shared.settings import exposure_problem
 
 
 def marked(fn: Callable[..., float]) -> RewardFunction:
@@ -596,5 +597,6 @@ def test_settings_defaults_and_environment(monkeypatch):
     ],
 )
 def test_auth_is_required_off_loopback(host, key, waived, refused):
-    settings = RewardSettings(host=host, api_key=key, allow_unauthenticated=waived)
-    assert (settings.auth_problem() is not None) == refused
+    settings = RewardSettings(host=host, api_key=key, insecure_no_auth=waived)
+    problem = exposure_problem(settings.host, settings.api_key, settings.insecure_no_auth)
+    assert (problem is not None) == refused

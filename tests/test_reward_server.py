@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import socket
 import subprocess
 import sys
 import textwrap
@@ -525,6 +526,15 @@ def test_api_key_and_queue_limit(tmp_path):
         }
         assert openrlhf_post(client, ["Q red"], ["Q"], ["red"], "/get_reward?api_key=nope").status_code == 401
         assert client.post("/v1/score?api_key=s3cret-key", json=one).status_code == 401
+        # The key is checked on the headers: a client announcing 100 MB without it gets its 401 after
+        # sending 1 KB, not after the server has waited for (and held) the rest.
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(
+                b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000000\r\n\r\n" + b"[" * 1024
+            )
+            assert raw.recv(65536).startswith(b"HTTP/1.1 401")
         five = {"items": [item(str(i), "red", "red", "exact") for i in range(5)]}
         shed = client.post("/v1/score", json=five, headers=right)
         assert refusal(shed, 503)["code"] == "overloaded" and shed.headers["retry-after"] == "1"

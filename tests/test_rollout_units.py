@@ -19,6 +19,7 @@ from rollout_server.config import RolloutSettings
 from rollout_server.service import VersionGate, derive_seed
 from rollout_server.transformers_backend import RowSampler, _Row, processed_logprobs, sample_seed
 from rollout_server.weights import WeightsStager, check_compatible, tensor_layout
+from shared.settings import exposure_problem, warn_if_exposed
 from shared.tiny_model import build_tiny_model
 
 LN = math.log
@@ -151,24 +152,37 @@ def test_stager_refuses_paths_outside_the_root_and_non_checkpoints(tiny, tmp_pat
 # --- settings, auth and readiness ----------------------------------------------------------------
 
 
-def test_refuses_to_serve_weight_updates_openly_on_a_reachable_address(tiny):
-    result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "rollout-server", "--model", str(tiny), "--host", "0.0.0.0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert "refusing to serve weight updates on 0.0.0.0 without an API key" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_refuses_to_serve_openly_on_a_reachable_address(tiny):
+    """Without a key, anyone who can reach the server could sample from it and replace its weights, even
+    with weight updates off; --insecure-no-auth serves anyway, with a warning."""
+    command = [
+        sys.executable,
+        "-m",
+        "shared.cli",
+        "rollout-server",
+        "--model",
+        str(tiny),
+        "--host",
+        "0.0.0.0",
+    ]
+    for extra in ([], ["--no-enable-weight-updates"]):
+        result = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "refusing to serve on 0.0.0.0 without an API key" in result.stderr
     allowed = [
         RolloutSettings(model="m", host="0.0.0.0", api_key="k"),
-        RolloutSettings(model="m", host="0.0.0.0", enable_weight_updates=False),
-        RolloutSettings(model="m", host="0.0.0.0", allow_unauthenticated_weights=True),
+        RolloutSettings(model="m", host="0.0.0.0", insecure_no_auth=True),
         RolloutSettings(model="m", host="127.0.0.1"),
         RolloutSettings(model="m", host="::1"),
     ]
-    assert [s.weights_update_problem() for s in allowed] == [None] * 5
+    assert [exposure_problem(s.host, s.api_key, s.insecure_no_auth) for s in allowed] == [None] * 4
+
+
+def test_insecure_no_auth_warns(capsys):
+    warn_if_exposed("0.0.0.0", None)
+    assert "warning" in capsys.readouterr().err
+    warn_if_exposed("127.0.0.1", None)
+    assert capsys.readouterr().err == ""
 
 
 def test_settings_come_from_the_environment(monkeypatch):
