@@ -98,6 +98,9 @@ class RewardSettings(BaseSettings):
     worker_memory_mb: int = Field(
         2048, ge=0, description="address-space limit of each worker, in MiB (0: none)"
     )
+    drain_s: float = Field(
+        30.0, ge=0, description="after SIGTERM, seconds running requests may take before they are cancelled"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
 
     @field_validator("openrlhf_reward")

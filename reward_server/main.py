@@ -33,6 +33,12 @@ def serve(settings: RewardSettings) -> None:
     app = create_app(settings)
     show_settings(settings, "reward server settings")
     warn_if_exposed(settings.host, settings.api_key)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.drain_s,
+    )
     logging.getLogger("uvicorn.access").addFilter(RedactKeys())  # after Config, which sets up logging
     uvicorn.Server(config).run()

@@ -81,6 +81,9 @@ class RolloutSettings(BaseSettings):
         0.9, gt=0, le=1, description="vllm: fraction of accelerator (on CPU: NUMA node) memory to use"
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per replica")
+    drain_s: float = Field(
+        30.0, ge=0, description="after SIGTERM, seconds running requests may take before they are cancelled"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
 
     def queue_limit(self) -> int:

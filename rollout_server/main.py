@@ -15,4 +15,10 @@ def serve(settings: RolloutSettings) -> None:
         raise ValueError(problem)
     show_settings(settings, "rollout server settings")
     warn_if_exposed(settings.host, settings.api_key)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.drain_s,
+    )
