@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from machine import REPO, describe_machine
+from machine import REPO, CpuMeter, describe_machine
 from results import add_out_argument, key_value_section, preamble, write_results
 
 ALGORITHMS = ("grpo", "papo", "cppo")
@@ -111,7 +112,8 @@ def execute(run: Run, runs: Path, tree: Path) -> None:
     command = [sys.executable, "-m", "shared.cli", "stack", "up", "--config", "configs/demo.yaml", *resume]
     print(f"{run.name}: {'resuming' if resume else 'starting'}", file=sys.stderr, flush=True)
     folder.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    meter = CpuMeter([os.getpid()])
+    started, since = time.monotonic(), meter.snapshot()
     try:
         with (folder / "bench.log").open("a") as log:
             # Started in the worktree, `python -m` imports its packages, and the servers inherit it.
@@ -119,11 +121,26 @@ def execute(run: Run, runs: Path, tree: Path) -> None:
                 [*command, *overrides(run, runs)], cwd=tree, stdout=log, stderr=subprocess.STDOUT
             )
     finally:
-        record = folder / "wall_seconds.json"
-        attempts = json.loads(record.read_text()) if record.exists() else []
-        record.write_text(json.dumps([*attempts, time.monotonic() - started]))
+        _append(folder / "wall_seconds.json", time.monotonic() - started)
+        _append(folder / "other_cores.json", meter.others(since))
     if done.returncode != 0:
         raise SystemExit(f"{run.name} failed (exit {done.returncode}); see {folder / 'bench.log'}")
+
+
+def _append(record: Path, value: float) -> None:
+    """One more attempt's figure in a JSON list."""
+    values = json.loads(record.read_text()) if record.exists() else []
+    record.write_text(json.dumps([*values, value]))
+
+
+def _most(record: Path) -> float | None:
+    """The largest figure of any attempt; None where it was not measured."""
+    return max(json.loads(record.read_text())) if record.exists() else None
+
+
+def _most(record: Path) -> float | None:
+    """Cores other processes used during the run, the most of any attempt; None where not measured."""
+    return max(json.loads(record.read_text())) if record.exists() else None
 
 
 def summarise(run: Run, runs: Path) -> dict:
@@ -145,6 +162,7 @@ def summarise(run: Run, runs: Path) -> dict:
         "final_perception_gap": evals[-1]["eval_perception_gap"],
         "seconds_per_step": statistics.fmean(sum(m[p] or 0.0 for p in phases) for m in steps),
         "wall_seconds": sum(json.loads((folder / "wall_seconds.json").read_text())),
+        "other_cores": _most(folder / "other_cores.json"),
         "curve": [(m["step"], m["eval_accuracy_greedy"], m["eval_accuracy_greedy_removed"]) for m in evals],
     }
 
@@ -191,17 +209,25 @@ def report(rows: list[dict], machine: dict[str, str], settings: dict[str, str]) 
         "## Every run",
         "",
         f"| task | algorithm | seed | steps | steps to {TARGET} | accuracy (I) | accuracy (I⁻) | gap | "
-        "s/step | wall min |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "s/step | wall min | other processes (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['algorithm']} | {r['seed']} | {r['steps']} | "
             f"{r['steps_to_target'] or '–'} | {r['final_accuracy']:.2f} | "
             f"{r['final_accuracy_removed']:.2f} | {r['final_perception_gap']:.2f} | "
-            f"{r['seconds_per_step']:.2f} | {r['wall_seconds'] / 60:.1f} |"
+            f"{r['seconds_per_step']:.2f} | {r['wall_seconds'] / 60:.1f} | "
+            f"{'–' if r['other_cores'] is None else format(r['other_cores'], '.2f')} |"
         )
-    lines += ["", "Learning curves: `algorithms.png` beside this file (seed bands shaded).", ""]
+    lines += [
+        "",
+        "The timings compare only between runs the machine ran alone: the last column is the CPU that "
+        "other processes used during each run (– where it was not measured).",
+        "",
+        "Learning curves: `algorithms.png` beside this file (seed bands shaded).",
+        "",
+    ]
     return "\n".join(lines)
 
 

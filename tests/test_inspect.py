@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import html.parser
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from servers import running_server
 
@@ -172,15 +174,22 @@ def test_the_page_escapes_what_the_model_and_the_dataset_wrote():
 
 @pytest.fixture(scope="module")
 def page(stack, tmp_path_factory) -> Path:
-    """The page `cppo inspect` writes, run as a user runs it (it starts its own servers)."""
-    out = tmp_path_factory.mktemp("page") / "page.html"
+    """The page `cppo inspect --run` writes for a run folder, as a user runs it (it starts its own servers):
+    the model from the run's latest checkpoint, the settings from its config.yaml."""
+    run = tmp_path_factory.mktemp("run")
+    policy = run / "checkpoints/step-000007/policy"
+    shutil.copytree(stack["model"], policy)
+    (policy.parent / "trainer_state.json").write_text('{"step": 7, "policy_version": 8, "data": {}}')
+    overrides = [f"data.path={stack['data']}", "rollout.n=2", "rollout.max_tokens=2"]
+    config = load_config(REPO / "configs/demo.yaml", overrides)
+    (run / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "inspect", "--model", str(stack["model"]), "--data",
-         str(stack["data"]), "--prompts", "2", "--out", str(out), "rollout.n=2", "rollout.max_tokens=2"],
+        [sys.executable, "-m", "shared.cli", "inspect", "--run", str(run), "--prompts", "2"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    return out
+    assert str(policy) in (run / "inspect.html").read_text()
+    return run / "inspect.html"
 
 
 def test_cppo_inspect_starts_its_servers_and_writes_the_page(page):

@@ -286,6 +286,9 @@ def test_two_process_zero3_under_accelerate_launch_publishes_the_gathered_model(
         train={"steps": 2},
         data={"tasks": ["colour", "shape"]},
         rollout={"views_by": "task"},
+        # The perception-token picture at each evaluation: rank 0 samples, both ranks run the passes.
+        eval={"every": 2, "prompts": 4, "inspect_prompts": 2},
+        log={"tensorboard": True},
     )
     # The shipped Accelerate config, as a user runs it from the repository root (where _train runs);
     # only the size differs.
@@ -314,6 +317,11 @@ def test_two_process_zero3_under_accelerate_launch_publishes_the_gathered_model(
         assert min(present) - 1e-9 <= step["perception_token_fraction"] <= max(present) + 1e-9
     gas = ds["gradient_accumulation_steps"]
     assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (8, 8 * gas * 2)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run/tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [p.step for p in events.Images("perception_tokens")] == [0, 2]
     # Each rank holds half of the weights: the engine checkpoint has one shard per rank.
     engine = tmp_path / "run/checkpoints/step-000002/engine"
     assert len(list(engine.glob("*zero_pp_rank_*optim_states.pt"))) == 2
