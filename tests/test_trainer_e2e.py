@@ -432,7 +432,9 @@ def test_stack_up_stops_everything_when_a_child_dies(tmp_path, inputs):
     os.kill(rollout, signal.SIGKILL)
     _, stderr = stack.communicate(timeout=300)
     assert stack.returncode == 2, stderr
-    assert "Traceback" not in stderr and ("rollout server exited" in stderr or "rollout replica" in stderr)
+    # The stack's own check, not the clients' outage budget: its child will not come back, so the run
+    # stops at once instead of waiting rollout.outage_s for it.
+    assert "Traceback" not in stderr and "rollout server exited" in stderr
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     assert not list((tmp_path / "run").glob("checkpoints/.partial-*"))

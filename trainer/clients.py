@@ -75,13 +75,16 @@ def _say_retrying(state: RetryCallState) -> None:
     log.warning("%s; try %d failed, retrying in %.1f s", explain(error), state.attempt_number, pause)
 
 
-def _retrying(stop: StopBaseT) -> Retrying:
+def _retrying(stop: StopBaseT, health_check: Callable[[], None] = lambda: None) -> Retrying:
+    """Retries of the retryable failures until ``stop``; ``health_check`` runs before each wait and may
+    raise to give up at once."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        health_check()
+        _say_retrying(state)
+
     return Retrying(
-        stop=stop,
-        wait=_wait,
-        retry=retry_if_exception(_retryable),
-        before_sleep=_say_retrying,
-        reraise=True,
+        stop=stop, wait=_wait, retry=retry_if_exception(_retryable), before_sleep=before_sleep, reraise=True
     )
 
 
@@ -130,10 +133,12 @@ class RolloutReplicas:
         timeout_s: float,
         attempts: int,
         outage_s: float,
+        health_check: Callable[[], None] = lambda: None,
     ) -> None:
         self.static_urls = list(urls)
         self.discover = discover
         self.attempts, self.outage_s = attempts, outage_s
+        self.health_check = health_check
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10), headers=_headers(api_key))
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rollout")
         self.urls: list[str] = []
@@ -167,8 +172,14 @@ class RolloutReplicas:
         log.warning("rollout replica %s set aside until the next step: %s", url, self.dead[url])
 
     @classmethod
-    def from_config(cls, config: RolloutConfig, urls: Sequence[str] | None = None) -> RolloutReplicas:
-        """The replicas ``config`` names, or ``urls``."""
+    def from_config(
+        cls,
+        config: RolloutConfig,
+        urls: Sequence[str] | None = None,
+        health_check: Callable[[], None] = lambda: None,
+    ) -> RolloutReplicas:
+        """The replicas ``config`` names, or ``urls``. ``health_check`` raises to stop waiting for a
+        replica to come back (``cppo stack up``: its own server died, and will not)."""
         discover = None if urls is not None else config.discover
         return cls(
             config.urls if urls is None else urls,
@@ -177,6 +188,7 @@ class RolloutReplicas:
             config.timeout_s,
             config.attempts,
             config.outage_s,
+            health_check,
         )
 
     def _revive(self, deadline: float, failure: str) -> list[str]:
@@ -206,6 +218,7 @@ class RolloutReplicas:
                     pass
             if time.monotonic() > deadline:
                 raise ReplicaError(f"no rollout replica of {self.urls} became ready in {timeout_s:.0f} s")
+            self.health_check()
             time.sleep(0.5)
             if self.discover:
                 self.refresh()
@@ -309,9 +322,17 @@ class RolloutReplicas:
 class RewardClient:
     """``POST /v1/score`` with retries."""
 
-    def __init__(self, url: str, api_key: SecretStr | None, timeout_s: float, outage_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: SecretStr | None,
+        timeout_s: float,
+        outage_s: float,
+        health_check: Callable[[], None] = lambda: None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.outage_s = outage_s
+        self.health_check = health_check
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10), headers=_headers(api_key))
 
     def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
@@ -319,16 +340,18 @@ class RewardClient:
             return []
         body = ScoreRequest(items=items).model_dump_json(exclude_none=True)
         # One server, nowhere else to go: retried for as long as an outage may last.
-        for attempt in _retrying(stop_after_delay(self.outage_s)):
+        for attempt in _retrying(stop_after_delay(self.outage_s), self.health_check):
             with attempt:
                 response = self.client.post(self.url + "/v1/score", content=body)
                 response.raise_for_status()
         return ScoreResponse.model_validate_json(response.content).results
 
     @classmethod
-    def from_config(cls, config: RewardConfig, url: str | None = None) -> RewardClient:
-        """The reward server ``config`` names, or ``url``."""
-        return cls(url or config.url, config.api_key, config.timeout_s, config.outage_s)
+    def from_config(
+        cls, config: RewardConfig, url: str | None = None, health_check: Callable[[], None] = lambda: None
+    ) -> RewardClient:
+        """The reward server ``config`` names, or ``url``; ``health_check`` as for ``RolloutReplicas``."""
+        return cls(url or config.url, config.api_key, config.timeout_s, config.outage_s, health_check)
 
     def wait_until_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -338,6 +361,7 @@ class RewardClient:
                     return
             except httpx.TransportError:
                 pass
+            self.health_check()
             time.sleep(0.5)
         raise ReplicaError(f"the reward server at {self.url} did not become ready in {timeout_s:.0f} s")
 

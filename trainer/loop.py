@@ -62,7 +62,7 @@ def train(
     stream = training_prompts(config.data, config.seed, config.rollout.views_by)
     groups = stream.groups()
     tests = evaluation_examples(config.data, config.eval.prompts, config.rollout.views_by)
-    replicas, rewards = connect(config)
+    replicas, rewards = connect(config, health_check)
     policy = Policy(config, micro_batches_per_mini_batch(config), suppressed_token_ids(processor.tokenizer))
     state = TrainerState(step=0, policy_version=0, data=stream.state())
     if resume is not None:
@@ -128,8 +128,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def connect(config: TrainConfig) -> tuple[RolloutReplicas, RewardClient]:
-    replicas, rewards = RolloutReplicas.from_config(config.rollout), RewardClient.from_config(config.reward)
+def connect(config: TrainConfig, health_check: Callable[[], None]) -> tuple[RolloutReplicas, RewardClient]:
+    replicas = RolloutReplicas.from_config(config.rollout, health_check=health_check)
+    rewards = RewardClient.from_config(config.reward, health_check=health_check)
     replicas.wait_until_ready(config.rollout.ready_timeout_s)
     rewards.wait_until_ready(config.reward.ready_timeout_s)
     return replicas, rewards
