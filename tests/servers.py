@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shared.launch import Service, running_service
+import uvicorn
+from fastapi import FastAPI
+
+from shared.launch import Service, free_port, running_service
 
 
 @contextmanager
@@ -22,6 +27,24 @@ def running_server(
     log = log_dir / f"{command}-{uuid.uuid4().hex[:8]}.log"
     with running_service(command, args, log, ready_timeout, env, port) as service:
         yield service
+
+
+@contextmanager
+def app_in_a_thread(app: FastAPI) -> Iterator[int]:
+    """A test's own small app, served by uvicorn on a free port in a thread of the test; yields the port."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def metric(text: str, name: str) -> float:

@@ -8,10 +8,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from servers import running_server
+from servers import app_in_a_thread, running_server
 
 from shared.launch import free_port
 from shared.schemas import (
@@ -43,17 +42,8 @@ def busy_then_ready() -> Iterator[tuple[str, list[float]]]:
         result = ScoreResult(id="a", reward=1.0, components={"exact": 1.0}, status="ok")
         return JSONResponse(ScoreResponse(results=[result]).model_dump())
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", asked
-    server.should_exit = True
-    thread.join(timeout=10)
+    with app_in_a_thread(app) as port:
+        yield f"http://127.0.0.1:{port}", asked
 
 
 def test_a_429s_retry_after_is_honoured(busy_then_ready):

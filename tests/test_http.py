@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
+from servers import app_in_a_thread
 
 from shared.http import UnexpectedErrors, install_error_handlers
-from shared.launch import free_port
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +28,8 @@ def port() -> Iterator[int]:
     async def ok() -> dict:
         return {"ok": True}
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.01)
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with app_in_a_thread(app) as port:
+        yield port
 
 
 def test_an_unexpected_error_is_a_json_500_and_the_connection_stays_open(port: int) -> None:
