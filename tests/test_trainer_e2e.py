@@ -219,6 +219,18 @@ def test_a_missing_or_broken_config_file_is_reported(tmp_path):
     assert done.returncode == 2 and "not valid YAML" in done.stderr and "Traceback" not in done.stderr
 
 
+def _start(*args: str) -> subprocess.Popen:
+    """``cppo ARGS`` in the background (a training run, or a stack), its stderr kept for the test."""
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    return subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     path = run / "metrics.jsonl"
@@ -246,9 +258,7 @@ def test_resume_after_sigkill_continues_as_if_never_stopped(tmp_path, inputs, se
     assert straight.returncode == 0, straight.stderr
 
     config = _config(broken_dir, inputs, urls, reward, **sections)
-    env = {**os.environ, "MASTER_PORT": str(free_port())}
-    command = [sys.executable, "-m", "shared.cli", "train", "--config", str(config)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = _start("train", "--config", str(config))
     _wait_for_step(broken_dir / "run", 3, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -348,14 +358,7 @@ def test_a_run_rides_out_a_service_down_for_10_s(tmp_path, inputs, servers, serv
         rollout_urls = [victim.url] if service == "rollout-server" else [servers["rollout"].url]
         reward_url = victim.url if service == "reward-server" else servers["reward"].url
         config = _config(tmp_path, inputs, rollout_urls, reward_url, train={"steps": 5})
-        env = {**os.environ, "MASTER_PORT": str(free_port())}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "train", "--config", str(config)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        process = _start("train", "--config", str(config))
         _wait_for_step(tmp_path / "run", 2, process)
         victim.process.kill()
         victim.process.wait()
@@ -379,14 +382,7 @@ def test_a_replica_killed_mid_run_is_skipped(tmp_path, inputs, servers):
         config = _config(
             tmp_path, inputs, [servers["rollout"].url, doomed.url], servers["reward"].url, train={"steps": 5}
         )
-        env = {**os.environ, "MASTER_PORT": str(free_port())}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "train", "--config", str(config)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        process = _start("train", "--config", str(config))
         _wait_for_step(tmp_path / "run", 2, process)
         doomed.process.send_signal(signal.SIGKILL)
         _, stderr = process.communicate(timeout=300)
@@ -418,14 +414,7 @@ def _children(pid: int) -> dict[int, str]:
 @pytest.mark.slow
 def test_stack_up_stops_everything_when_a_child_dies(tmp_path, inputs):
     config = _config(tmp_path, inputs, [], "", train={"steps": 500}, checkpoint={"every": 0})
-    env = {**os.environ, "MASTER_PORT": str(free_port())}
-    stack = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "stack", "up", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    stack = _start("stack", "up", "--config", str(config))
     _wait_for_step(tmp_path / "run", 1, stack)
     children = _children(stack.pid)
     rollout = next(pid for pid, command in children.items() if "rollout-server" in command)

@@ -24,22 +24,8 @@ def render_page(prompts: list[InspectedPrompt], title: str, objective: Objective
     )
     shifts = [abs(v) for p in prompts for r in p.responses for v in r.values["entropy_shift"]]
     scale = max([v for v in shifts if math.isfinite(v)], default=0.0) or 1e-6
-    shown = [
-        {
-            "id": p.id,
-            "group": p.group,
-            "question": p.question,
-            "answer": p.answer,
-            "images": p.images,
-            "recipes": p.recipes,
-            "accuracy": p.accuracy,
-            "selected_fraction": p.selected_fraction,
-            "trained_fraction": p.trained_fraction,
-            "sampled": len(p.responses),
-            "responses": [_response(r, count, scale) for r, count in _distinct(p.responses)],
-        }
-        for p in prompts
-    ]
+    # Each prompt with its distinct responses, ready to draw.
+    shown = [(p, [_response(r, count, scale) for r, count in _distinct(p.responses)]) for p in prompts]
     return environment.get_template("inspect.html").render(
         title=title,
         prompts=shown,

@@ -324,15 +324,21 @@ class PerceptionTokens:
     """CPL_t, the ``contrastive_term``."""
 
 
+def perception_masks(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, Tensor]:
+    """M_t (``perception_token_mask`` on H(I) and H(I⁻)), and M_t · 1[Â > 0] (``gate_by_advantage``)."""
+    entropy, entropy_negative = inputs.entropy["clean"], inputs.entropy["negative"]
+    selected = perception_token_mask(entropy, entropy_negative, inputs.response_mask, config.top_fraction)
+    return selected, gate_by_advantage(selected, inputs.advantages)
+
+
 def perception_tokens(inputs: ObjectiveInputs, config: ObjectiveConfig) -> PerceptionTokens:
     """The per-token view of CPPO, from the same functions as its loss."""
-    mask, logp = inputs.response_mask, {name: value.detach() for name, value in inputs.logp.items()}
-    entropy, entropy_negative = inputs.entropy["clean"], inputs.entropy["negative"]
-    selected = perception_token_mask(entropy, entropy_negative, mask, config.top_fraction)
+    logp = {name: value.detach() for name, value in inputs.logp.items()}
+    selected, trained = perception_masks(inputs, config)
     return PerceptionTokens(
-        entropy_shift=(entropy_negative - entropy).detach(),
+        entropy_shift=(inputs.entropy["negative"] - inputs.entropy["clean"]).detach(),
         selected=selected,
-        trained=gate_by_advantage(selected, inputs.advantages),
+        trained=trained,
         d_positive=k3_divergence(logp["clean"], logp["positive"]),
         d_negative=k3_divergence(logp["clean"], logp["negative"]),
         contrastive=contrastive_term(logp["clean"], logp["positive"], logp["negative"], config.tau),
@@ -341,18 +347,16 @@ def perception_tokens(inputs: ObjectiveInputs, config: ObjectiveConfig) -> Perce
 
 def cppo_term(inputs: ObjectiveInputs, config: ObjectiveConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """CPPO: λ·L_CPL, on the perception tokens of the responses with Â > 0."""
-    mask = inputs.response_mask
-    entropy, entropy_negative = inputs.entropy["clean"], inputs.entropy["negative"]
-    perception = perception_token_mask(entropy, entropy_negative, mask, config.top_fraction)
-    perception = gate_by_advantage(perception, inputs.advantages)
-    logp = inputs.logp
+    mask, logp = inputs.response_mask, inputs.logp
+    _, perception = perception_masks(inputs, config)
     cpl = contrastive_perception_loss(
         logp["clean"], logp["positive"], logp["negative"], perception, config.tau
     )
+    entropy_shift = inputs.entropy["negative"] - inputs.entropy["clean"]
     return config.cpl_coef * cpl, {
         "cpl_loss": cpl.detach(),
         "perception_token_fraction": response_means(perception.float(), mask).detach(),
-        "entropy_shift_mean": masked_mean(entropy_negative - entropy, mask).detach(),
+        "entropy_shift_mean": masked_mean(entropy_shift, mask).detach(),
     }
 
 
