@@ -14,8 +14,10 @@ from servers import app_in_a_thread, running_server
 
 from shared.launch import free_port
 from shared.schemas import (
+    PromptRollout,
     RolloutPrompt,
     RolloutRequest,
+    RolloutResponse,
     SamplingParams,
     ScoreItem,
     ScoreResponse,
@@ -52,6 +54,26 @@ def test_a_429s_retry_after_is_honoured(busy_then_ready):
     assert [r.reward for r in client.score([ITEM])] == [1.0]
     # Asked twice, the second time after the second the server asked for (the backoff alone starts at 0.2 s).
     assert len(asked) == 2 and asked[1] - asked[0] >= 0.95
+
+
+def test_a_replica_that_sheds_load_is_waited_for_not_set_aside():
+    """Busy for longer than its attempts allow (attempts=2, three 429s): still asked, since it is alive."""
+    asked: list[float] = []
+    app = FastAPI()
+
+    @app.post("/v1/rollouts")
+    async def rollouts() -> JSONResponse:
+        asked.append(time.monotonic())
+        if len(asked) <= 3:
+            return JSONResponse({"error": {"message": "busy"}}, status_code=429, headers={"Retry-After": "1"})
+        rollout = PromptRollout(prompt_id="p", prompt_token_ids=[1], samples=[])
+        return JSONResponse(RolloutResponse(policy_version=0, prompts=[rollout]).model_dump())
+
+    prompt = RolloutPrompt(prompt_id="p", messages=[{"role": "user", "content": "hi"}])
+    with app_in_a_thread(app) as port:
+        replicas = RolloutReplicas([f"http://127.0.0.1:{port}"], None, None, 60, attempts=2, outage_s=0)
+        answered = replicas.rollouts([prompt], lambda chunk: RolloutRequest(prompts=chunk))
+    assert [r.prompt_id for r in answered] == ["p"] and len(asked) == 4 and replicas.dead == {}
 
 
 def test_past_its_outage_budget_a_client_names_the_setting():

@@ -75,6 +75,20 @@ def _say_retrying(state: RetryCallState) -> None:
     log.warning("%s; try %d failed, retrying in %.1f s", explain(error), state.attempt_number, pause)
 
 
+def _attempts_unless_busy(attempts: int, busy_s: float) -> StopBaseT:
+    """``attempts`` tries for a failure, but up to ``busy_s`` seconds of them while the server answers
+    429: a server that sheds load is alive and will take the request once its queue drains, so it is not
+    to be set aside as failed."""
+    by_attempts, by_time = stop_after_attempt(attempts), stop_after_delay(busy_s)
+
+    def stop(state: RetryCallState) -> bool:
+        error = state.outcome.exception() if state.outcome is not None else None
+        busy = isinstance(error, httpx.HTTPStatusError) and error.response.status_code == 429
+        return by_time(state) if busy else by_attempts(state)
+
+    return stop
+
+
 def _retrying(stop: StopBaseT, health_check: Callable[[], None] = lambda: None) -> Retrying:
     """Retries of the retryable failures until ``stop``; ``health_check`` runs before each wait and may
     raise to give up at once."""
@@ -137,7 +151,7 @@ class RolloutReplicas:
     ) -> None:
         self.static_urls = list(urls)
         self.discover = discover
-        self.attempts, self.outage_s = attempts, outage_s
+        self.attempts, self.outage_s, self.timeout_s = attempts, outage_s, timeout_s
         self.health_check = health_check
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10), headers=_headers(api_key))
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rollout")
@@ -154,7 +168,7 @@ class RolloutReplicas:
         return [url for url in self.urls if url not in self.dead]
 
     def _post(self, url: str, path: str, **kwargs) -> httpx.Response:
-        for attempt in _retrying(stop_after_attempt(self.attempts)):
+        for attempt in _retrying(_attempts_unless_busy(self.attempts, self.timeout_s)):
             with attempt:
                 response = self.client.post(url + path, **kwargs)
                 response.raise_for_status()
