@@ -32,6 +32,7 @@ def create_app(settings: RewardSettings) -> FastAPI:
         settings.workers,
         plugins,
         item_timeout_s=settings.item_timeout_s,
+        fast_lane_s=settings.fast_lane_s,
         memory_mb=settings.worker_memory_mb,
         max_queued=settings.max_queued_items,
         metrics=metrics,

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.schemas import MAX_REWARD_WEIGHT
+from shared.schemas import MAX_REWARD_WEIGHT, MAX_SCORE_ITEMS
 
 PAPER_REWARD = "math:0.9,format:0.1"
 """The CPPO paper's reward: 0.9·accuracy + 0.1·format."""
@@ -84,8 +84,18 @@ class RewardSettings(BaseSettings):
         description="module name or .py file whose @reward_function functions are added to the registry; "
         "repeat the flag for several",
     )
+    fast_lane_s: float = Field(
+        0.5,
+        gt=0,
+        le=3600,
+        description="longest one item may hold a worker of the fast lane; past it, the item is moved to the "
+        "slow lane (at most half the workers) and scored again there",
+    )
     item_timeout_s: float = Field(
-        10.0, gt=0, le=3600, description="longest one item may take to score; past it: status 'timeout'"
+        10.0,
+        gt=0,
+        le=3600,
+        description="longest one item may take to score in the slow lane; past it: status 'timeout'",
     )
     openrlhf_reward: str = Field(
         PAPER_REWARD,
@@ -93,7 +103,10 @@ class RewardSettings(BaseSettings):
     )
     max_request_bytes: int = Field(256 * 2**20, ge=1, description="largest JSON request body, in bytes")
     max_queued_items: int = Field(
-        100_000, ge=1, description="most items waiting for a worker; a request past it gets 503"
+        10 * MAX_SCORE_ITEMS,
+        ge=1,
+        description="most items waiting for a worker (default: ten of the largest requests); a request "
+        "past it gets 503",
     )
     worker_memory_mb: int = Field(
         2048, ge=0, description="address-space limit of each worker, in MiB (0: none)"

@@ -15,7 +15,7 @@ class RewardMetrics(RequestMetrics):
         )
         self.items = Counter(
             "cppo_reward_items",
-            "Items scored, by status (ok, timeout, error)",
+            "Items finished, by status (ok, timeout, error; cancelled: their request was)",
             ["status"],
             registry=self.registry,
         )
@@ -30,12 +30,18 @@ class RewardMetrics(RequestMetrics):
         )
         self.worker_restarts = Counter(
             "cppo_reward_worker_restarts",
-            "Worker processes stopped and replaced, by reason (timeout, crash)",
+            "Worker processes stopped and replaced, by reason (timeout, crash, moved_aside: its item ran "
+            "past fast_lane_s; cancelled: its item's request was)",
             ["reason"],
             registry=self.registry,
         )
         self.queue_depth = Gauge(
             "cppo_reward_queue_depth", "Items waiting for a worker", registry=self.registry
+        )
+        self.moved_aside = Counter(
+            "cppo_reward_moved_aside_items",
+            "Items that ran past fast_lane_s and were moved to the slow lane",
+            registry=self.registry,
         )
         self.shed = Counter(
             "cppo_reward_shed_requests",
@@ -43,7 +49,7 @@ class RewardMetrics(RequestMetrics):
             registry=self.registry,
         )
         # Every label value from the start, so that dashboards see zeros rather than gaps.
-        for status in ("ok", "timeout", "error"):
+        for status in ("ok", "timeout", "error", "cancelled"):
             self.items.labels(status)
-        for reason in ("timeout", "crash"):
+        for reason in ("timeout", "crash", "moved_aside", "cancelled"):
             self.worker_restarts.labels(reason)

@@ -5,9 +5,15 @@ stuck task (a timed-out future keeps its worker busy, and a killed worker breaks
 ``pebble`` can, but brings its own threads and gives no handle on restarts for the metrics. What we
 need fits in this module: each worker process is driven by one asyncio task over its own pipe, so
 
-* a worker scores one item at a time; the items of all requests share one FIFO queue;
-* an item that runs past ``item_timeout_s`` gets ``status: timeout``, and its worker is killed with
-  SIGKILL (which works whatever it is stuck in: a C loop in sympy, a huge integer power) and replaced;
+* a worker scores one item at a time;
+* an item that runs past ``fast_lane_s`` has its worker killed with SIGKILL (which works whatever it is
+  stuck in: a C loop in sympy, a huge integer power) and replaced, and is moved aside to the slow lane,
+  where it runs again with up to ``item_timeout_s``; past that it gets ``status: timeout``;
+* the slow lane may hold at most half the workers (one at least), so ordinary items keep the others and
+  never wait behind slow ones for more than ``fast_lane_s``;
+* the fast lane serves first the request that has used the least worker time so far, so a request full
+  of slow items waits behind the ordinary ones, not the other way round;
+* an item whose request is cancelled (its client went away) stops at once, running or not;
 * an item whose worker dies (a segfault, ``os._exit``, the kernel's OOM killer) gets ``status: error``
   saying so, and the worker is replaced;
 * the other workers go on with the other items meanwhile.
@@ -16,9 +22,10 @@ math-verify's own timeouts use ``signal.alarm``, which works only on a process's
 silently turned scores to zero in threaded servers; here they are switched off and the isolation is ours.
 
 Workers start with the ``forkserver`` method, never ``fork`` (the server has threads): a clean server
-process with math-verify and sympy already imported forks each worker, so a replacement is ready in
-milliseconds. Each worker caps its address space (``worker_memory_mb``), ignores Ctrl-C (the server
-stops it), and dies with the fork server, which dies with the server. Work goes to a worker as a pickle
+process with math-verify and sympy already imported and warmed up (``reward_server.warm``) forks each
+worker, so a replacement is ready, its caches hot, in milliseconds. Each worker caps its address space
+(``worker_memory_mb``), ignores Ctrl-C (the server stops it), and dies with the fork server, which dies
+with the server. Work goes to a worker as a pickle
 (from the server, which it trusts); results come back as JSON, so the server never unpickles what a
 worker wrote.
 """
@@ -26,6 +33,7 @@ worker wrote.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -33,6 +41,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -42,13 +51,14 @@ from typing import Any, Literal
 from reward_server.metrics import RewardMetrics
 from reward_server.plugins import load_registry
 from reward_server.registry import Task, evaluate
-from reward_server.rewards import warm_up
 
 log = logging.getLogger("cppo.reward.pool")
 
 Status = Literal["ok", "timeout", "error"]
+Ending = Literal["kept", "timeout", "cancelled", "crash", "undelivered"]
+"""How a worker finished with an item: kept for the next one, or stopped (and why)."""
 
-_PRELOAD = ["reward_server.rewards", "reward_server.plugins", "math_verify", "latex2sympy2_extended"]
+_PRELOAD = ["reward_server.warm", "reward_server.plugins"]
 _INLINE_BYTES = 64 * 1024
 """Payloads above this are written to a worker's pipe from a thread, not the event loop."""
 _DETAIL_CHARS = 2000
@@ -88,6 +98,98 @@ class _Worker:
         return f"exited with code {code}"
 
 
+@dataclass(eq=False)
+class _Request:
+    """One ``score`` call's items still waiting for the fast lane, and the worker time it has used."""
+
+    arrival: int
+    waiting: deque[_Job] = field(default_factory=deque)
+    seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class _Job:
+    task: Task
+    future: asyncio.Future[Outcome]
+    request: _Request
+    moved_aside: bool = False
+
+
+class _Lanes:
+    """Which item a free worker takes next.
+
+    The slow lane (items moved aside) comes first while fewer than ``slow_capacity`` workers run slow
+    items, so that it always moves; otherwise the fast lane, from the request that has used the least
+    worker time (the earliest, on a tie). A slow item never takes a worker past the capacity, even an
+    idle one: that worker is kept for the next ordinary item.
+    """
+
+    def __init__(self, slow_capacity: int) -> None:
+        self.slow_capacity = slow_capacity
+        self.slow_running = 0
+        self._slow: deque[_Job] = deque()
+        self._requests: list[_Request] = []
+        self._changed = asyncio.Condition()
+        self._arrivals = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._slow) + sum(len(request.waiting) for request in self._requests)
+
+    async def add(self, tasks: Sequence[Task], futures: Sequence[asyncio.Future[Outcome]]) -> None:
+        request = _Request(next(self._arrivals))
+        jobs = zip(tasks, futures, strict=True)
+        request.waiting.extend(_Job(task, future, request) for task, future in jobs)
+        async with self._changed:
+            self._requests.append(request)
+            self._changed.notify_all()
+
+    async def move_aside(self, job: _Job) -> None:
+        job.moved_aside = True
+        async with self._changed:
+            self._slow.append(job)
+            self._changed.notify_all()
+
+    async def take(self) -> _Job:
+        """The next item to score (waiting until there is one a worker may take); its future not done."""
+        async with self._changed:
+            while (job := self._next()) is None:
+                await self._changed.wait()
+            if job.moved_aside:
+                self.slow_running += 1
+            return job
+
+    async def done(self, job: _Job, seconds: float) -> None:
+        """A worker is finished with ``job`` (scored or moved aside) after ``seconds`` of its time."""
+        job.request.seconds += seconds
+        if job.moved_aside:
+            async with self._changed:
+                self.slow_running -= 1
+                self._changed.notify_all()
+
+    def drain(self) -> list[_Job]:
+        """Every waiting item, taken out of the lanes."""
+        jobs = list(self._slow)
+        self._slow.clear()
+        for request in self._requests:
+            jobs.extend(request.waiting)
+        self._requests.clear()
+        return jobs
+
+    def _next(self) -> _Job | None:
+        while self._slow and self._slow[0].future.done():
+            self._slow.popleft()
+        if self._slow and self.slow_running < self.slow_capacity:
+            return self._slow.popleft()
+        for request in self._requests:
+            while request.waiting and request.waiting[0].future.done():
+                request.waiting.popleft()
+        self._requests = [request for request in self._requests if request.waiting]
+        if not self._requests:
+            return None
+        thriftiest = min(self._requests, key=lambda request: (request.seconds, request.arrival))
+        return thriftiest.waiting.popleft()
+
+
 class WorkerPool:
     """``size`` worker processes scoring :class:`~reward_server.registry.Task` s, one at a time each."""
 
@@ -96,6 +198,7 @@ class WorkerPool:
         size: int,
         plugins: Sequence[str] = (),
         item_timeout_s: float = 10.0,
+        fast_lane_s: float = 0.5,
         memory_mb: int = 0,
         max_queued: int = 100_000,
         metrics: RewardMetrics | None = None,
@@ -104,13 +207,14 @@ class WorkerPool:
         self.size = size
         self.plugins = list(plugins)
         self.item_timeout_s = item_timeout_s
+        self.fast_lane_s = min(fast_lane_s, item_timeout_s)
         self.memory_mb = memory_mb
         self.max_queued = max_queued
         self.metrics = metrics
         self.start_timeout_s = start_timeout_s
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(_PRELOAD)
-        self._jobs: asyncio.Queue[tuple[Task, asyncio.Future[Outcome]]] | None = None
+        self._lanes: _Lanes | None = None
         self._runners: list[asyncio.Task[None]] = []
         self._workers: set[_Worker] = set()
         self._running: set[asyncio.Future[Outcome]] = set()
@@ -120,7 +224,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start every worker; raise :class:`WorkerStartError` (and stop the others) if one fails."""
-        self._jobs = asyncio.Queue()
+        self._lanes = _Lanes(slow_capacity=max(1, self.size // 2))
         started = await asyncio.gather(*(self._spawn() for _ in range(self.size)), return_exceptions=True)
         failures = [result for result in started if isinstance(result, BaseException)]
         if failures:
@@ -139,8 +243,8 @@ class WorkerPool:
         await asyncio.gather(*self._runners, return_exceptions=True)
         for worker in list(self._workers):
             await self._stop(worker)
-        while self._jobs is not None and not self._jobs.empty():
-            pending.append(self._jobs.get_nowait()[1])
+        if self._lanes is not None:
+            pending.extend(job.future for job in self._lanes.drain())
         for future in pending:
             if not future.done():
                 future.set_result(Outcome("error", detail="the server is shutting down"))
@@ -152,15 +256,15 @@ class WorkerPool:
 
     @property
     def queued(self) -> int:
-        """Items waiting for a worker."""
-        return self._jobs.qsize() if self._jobs is not None else 0
+        """Items waiting for a worker, in either lane."""
+        return len(self._lanes) if self._lanes is not None else 0
 
     # --- scoring ---------------------------------------------------------------------------------
 
     async def score(self, tasks: Sequence[Task]) -> list[Outcome]:
-        """Score every task; outcomes in the same order. Cancelling this cancels the items not yet
-        started (started ones finish, and their results are dropped)."""
-        if self._jobs is None or self._closed:
+        """Score every task; outcomes in the same order. Cancelling this stops its items, the running
+        ones included (their workers are replaced)."""
+        if self._lanes is None or self._closed:
             raise RuntimeError("the pool is not running")
         if self.queued + len(tasks) > self.max_queued:
             if self.metrics is not None:
@@ -170,42 +274,43 @@ class WorkerPool:
                 f"server's limit of {self.max_queued}; retry later"
             )
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Outcome]] = []
-        for task in tasks:
-            future = loop.create_future()
-            futures.append(future)
-            self._jobs.put_nowait((task, future))
+        futures: list[asyncio.Future[Outcome]] = [loop.create_future() for _ in tasks]
+        await self._lanes.add(tasks, futures)
         self._observe_queue()
-        return list(await asyncio.gather(*futures))
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            if self.metrics is not None:  # gather cancelled every item that had no outcome yet
+                self.metrics.items.labels("cancelled").inc(sum(future.cancelled() for future in futures))
+            raise
 
     async def _run(self, worker: _Worker | None) -> None:
         """One worker's loop: take the next item, score it, replace the worker if it had to be stopped."""
-        assert self._jobs is not None
+        assert self._lanes is not None
         while True:
-            task, future = await self._jobs.get()
+            job = await self._lanes.take()
             self._observe_queue()
-            if future.done():  # its request was cancelled
-                continue
-            self._running.add(future)
+            self._running.add(job.future)
             try:
-                worker = await self._handle(worker, task, future)
+                worker = await self._handle(worker, job)
             except Exception:  # a bug here must not shrink the pool: fail the item, start afresh
                 log.exception("scoring an item failed unexpectedly")
-                if not future.done():
-                    future.set_result(Outcome("error", detail="the server failed to score this item"))
+                if not job.future.done():
+                    job.future.set_result(Outcome("error", detail="the server failed to score this item"))
                 if worker is not None:
                     await self._reap(self._retire(worker, "crash"))
                 worker = None
             finally:
-                self._running.discard(future)
+                self._running.discard(job.future)
 
-    async def _handle(
-        self, worker: _Worker | None, task: Task, future: asyncio.Future[Outcome]
-    ) -> _Worker | None:
-        """Score one item (on a new worker if ``worker`` died while idle); return the worker to go on with."""
+    async def _handle(self, worker: _Worker | None, job: _Job) -> _Worker | None:
+        """Score one item (on a new worker if ``worker`` died while idle), or move it aside; return the
+        worker to go on with."""
+        assert self._lanes is not None
         loop = asyncio.get_running_loop()
         start = loop.time()
-        outcome, healthy = Outcome("error", detail="no worker process could be started"), True
+        limit_s = self.item_timeout_s if job.moved_aside else self.fast_lane_s
+        outcome, ending = Outcome("error", detail="no worker process could be started"), "kept"
         for attempt in range(2):
             if worker is None or not worker.process.is_alive():
                 if worker is not None:  # died while idle
@@ -213,50 +318,60 @@ class WorkerPool:
                 worker = await self._replacement()
                 if worker is None:
                     break
-            outcome, healthy, delivered = await self._score_on(worker, task)
-            if delivered or attempt:
+            outcome, ending = await self._score_on(worker, job, limit_s)
+            if ending != "undelivered" or attempt:
                 break
             # The worker was already dead when the item reached it: that is no fault of the item's.
             await self._reap(self._retire(worker, "crash"))
             worker = None
+        seconds = loop.time() - start
+        await self._lanes.done(job, seconds)
+        move_aside = ending == "timeout" and limit_s < self.item_timeout_s
         # A stopped worker is counted before the item's result is out, so that whoever reads the result
         # and then the metrics sees both.
         retired = None
-        if not healthy and worker is not None:
-            retired = self._retire(worker, "timeout" if outcome.status == "timeout" else "crash")
+        if ending != "kept" and worker is not None:
+            reason = {"timeout": "moved_aside" if move_aside else "timeout", "cancelled": "cancelled"}
+            retired = self._retire(worker, reason.get(ending, "crash"))
             worker = None
-        if not future.done():
-            future.set_result(outcome)
-        self._observe_item(outcome, loop.time() - start)
+        if move_aside:
+            if self.metrics is not None:
+                self.metrics.moved_aside.inc()
+            await self._lanes.move_aside(job)
+        elif not job.future.done():
+            job.future.set_result(outcome)
+            self._observe_item(outcome, seconds)
         if retired is not None:
             await self._reap(retired)
             worker = await self._replacement()
         return worker
 
-    async def _score_on(self, worker: _Worker, task: Task) -> tuple[Outcome, bool, bool]:
-        """(outcome, whether the worker is still usable, whether the item reached the worker)."""
+    async def _score_on(self, worker: _Worker, job: _Job, limit_s: float) -> tuple[Outcome, Ending]:
+        """The item's outcome, and how its worker ended it."""
         loop = asyncio.get_running_loop()
-        payload = pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps(job.task, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             if len(payload) > _INLINE_BYTES:
                 await asyncio.to_thread(worker.conn.send_bytes, payload)
             else:
                 worker.conn.send_bytes(payload)
         except OSError:
-            return Outcome("error", detail="the worker process died before scoring this item"), False, False
+            return Outcome("error", detail="the worker process died before scoring this item"), "undelivered"
         readable: asyncio.Future[None] = loop.create_future()
         fd = worker.conn.fileno()
         loop.add_reader(fd, _set_once, readable)
         try:
-            await asyncio.wait_for(readable, self.item_timeout_s)
-        except TimeoutError:
+            await asyncio.wait({readable, job.future}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(fd)
+        if not readable.done():
+            if job.future.done():
+                return Outcome("error", detail="the request was cancelled"), "cancelled"
             detail = (
                 f"scoring took longer than the {self.item_timeout_s:g} s item timeout; "
                 "its worker process was stopped and replaced"
             )
-            return Outcome("timeout", detail=detail), False, True
-        finally:
-            loop.remove_reader(fd)
+            return Outcome("timeout", detail=detail), "timeout"
         try:
             reply = json.loads(worker.conn.recv_bytes())
         except (EOFError, OSError, ValueError):
@@ -264,15 +379,15 @@ class WorkerPool:
             detail = (
                 f"the worker process {worker.exit_description()} while scoring this item; it was replaced"
             )
-            return Outcome("error", detail=detail), False, True
+            return Outcome("error", detail=detail), "crash"
         if isinstance(reply, dict) and isinstance(reply.get("ok"), dict):
             components = {str(name): value for name, value in reply["ok"].items()}
             if all(isinstance(value, int | float) and math.isfinite(value) for value in components.values()):
-                return Outcome("ok", {name: float(value) for name, value in components.items()}), True, True
+                return Outcome("ok", {name: float(value) for name, value in components.items()}), "kept"
         if isinstance(reply, dict) and "error" in reply:
-            return Outcome("error", detail=str(reply["error"])[:_DETAIL_CHARS]), True, True
+            return Outcome("error", detail=str(reply["error"])[:_DETAIL_CHARS]), "kept"
         detail = "the worker process replied with something other than scores; it was replaced"
-        return Outcome("error", detail=detail), False, True
+        return Outcome("error", detail=detail), "crash"
 
     # --- workers ---------------------------------------------------------------------------------
 
@@ -367,7 +482,6 @@ def worker_main(conn: Connection, plugins: list[str], memory_mb: int) -> None:
     _limit_memory(memory_mb)
     try:
         registry = load_registry(plugins)
-        warm_up()
     except BaseException as error:
         _reply(conn, {"failed": f"{type(error).__name__}: {error}"[:_DETAIL_CHARS]})
         return

@@ -32,6 +32,10 @@ MAX_ANSWER_DEPTH = 10
 """Default deepest bracket nesting that ``math`` hands to math-verify; deeper answers score 0.
 math-verify's LaTeX parser slows down sharply with depth (seconds at 12 levels of braces, minutes at 50),
 while real final answers rarely nest past five."""
+MAX_NUMBER_DIGITS = 1_000_000
+"""Default most digits an integer power or factorial written in an answer may have before ``math``
+refuses to evaluate it. sympy computes such numbers exactly: a million digits takes it a fraction of a
+second, while a tower like ``9^{9^{9}}`` (370 million digits) would hold a worker for minutes."""
 
 
 # --- finding the final answer ----------------------------------------------------------------------
@@ -115,6 +119,68 @@ def nesting_depth(text: str) -> int:
     return deepest
 
 
+# An integer literal, or a number already estimated and written as <its digits>.
+_NUMBER = r"(\d+|<\d+>)"
+_GROUPED_NUMBER = re.compile(r"[({]\s*" + _NUMBER + r"\s*[)}]")
+_INTEGER_POWER = re.compile(_NUMBER + r"\s*\^\s*" + _NUMBER)
+_INTEGER_FACTORIAL = re.compile(_NUMBER + r"\s*!")
+_EXACT_DIGITS = 15
+"""Numbers under this many digits are written out as the estimate goes on; longer ones as <digits>."""
+
+
+def _log10(number: str) -> float:
+    """log10 of a :data:`_NUMBER` (0 for 0)."""
+    if number.startswith("<"):
+        return float(number[1:-1])
+    if len(number) > _EXACT_DIGITS:
+        return float(len(number.lstrip("0")) - 1)
+    return math.log10(int(number)) if int(number) > 0 else 0.0
+
+
+def _is_small(number: str) -> bool:
+    return not number.startswith("<") and len(number) <= _EXACT_DIGITS
+
+
+def _power(base: str, exponent: str) -> tuple[float, str]:
+    """(digits of base^exponent, what to write in its place)."""
+    if _is_small(exponent) and int(exponent) == 0:
+        return 0.0, "1"
+    if _is_small(base) and int(base) <= 1:  # 0 and 1 stay what they are, whatever the exponent
+        return 0.0, str(int(base))
+    if not _is_small(exponent):
+        return math.inf, ""
+    digits = _log10(base) * int(exponent)
+    return digits, str(int(base) ** int(exponent)) if digits < _EXACT_DIGITS else f"<{math.floor(digits)}>"
+
+
+def _factorial(n: str) -> tuple[float, str]:
+    """(digits of n!, what to write in its place)."""
+    if not _is_small(n):
+        return math.inf, ""
+    digits = math.lgamma(int(n) + 1) / math.log(10)
+    return digits, str(math.factorial(int(n))) if digits < _EXACT_DIGITS else f"<{math.floor(digits)}>"
+
+
+def largest_number_digits(text: str) -> float:
+    r"""About how many digits the largest integer power or factorial in ``text`` has, nested ones
+    included: ``9^{9^{9}}`` -> 3.7e8, ``(10!)!`` -> 2.2e7, ``2^{10}`` -> 3.0. Only integer literals
+    are followed (``x^{9}`` is no number), and LaTeX's grouping braces are read as brackets."""
+    largest = 0.0
+    while True:  # each round replaces one ^ or ! by a number, so it ends
+        while (ungrouped := _GROUPED_NUMBER.sub(r"\1", text)) != text:
+            text = ungrouped
+        if found := _INTEGER_POWER.search(text):
+            digits, value = _power(found.group(1), found.group(2))
+        elif found := _INTEGER_FACTORIAL.search(text):
+            digits, value = _factorial(found.group(1))
+        else:
+            return largest
+        largest = max(largest, digits)
+        if largest > 1e12:  # beyond any limit; and its value could not be written down
+            return math.inf
+        text = text[: found.start()] + value + text[found.end() :]
+
+
 _TEXT_COMMAND = re.compile(
     r"\\(?:text|textbf|textit|textrm|texttt|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}"
 )
@@ -188,13 +254,15 @@ def math_reward(
     ground_truth: str,
     max_answer_chars: Annotated[int, Field(ge=1, le=100_000)] = MAX_ANSWER_CHARS,
     max_depth: Annotated[int, Field(ge=1, le=100)] = MAX_ANSWER_DEPTH,
+    max_digits: Annotated[int, Field(ge=1, le=100_000_000)] = MAX_NUMBER_DIGITS,
 ) -> float:
     r"""1.0 if the response's final answer equals the ground truth mathematically, else 0.0.
 
     The final answer is the content of the last ``\boxed{…}`` (braces matched, escaped ``\{ \}``
     ignored) or of the last ``<answer>…</answer>``, whichever closes later. No answer, an empty one, an
-    unclosed ``\boxed{``, or one longer than ``max_answer_chars`` characters or nested deeper than
-    ``max_depth`` brackets scores 0.0 without being parsed.
+    unclosed ``\boxed{``, one longer than ``max_answer_chars`` characters, one nested deeper than
+    ``max_depth`` brackets, or one writing an integer power or factorial of more than ``max_digits``
+    digits (``9^{9^{9}}``, ``(10!)!``: :func:`largest_number_digits`) scores 0.0 without being parsed.
 
     The ground truth may be bare LaTeX (``\frac{1}{2}``), wrapped in ``$…$``, or boxed. Both sides are
     read by math-verify's LaTeX parser and compared with ``math_verify.verify``: fractions, decimals and
@@ -204,9 +272,17 @@ def math_reward(
     scores 0.0; a ground truth it cannot read is an error.
     """
     answer = extract_answer(response)
-    if answer is None or len(answer) > max_answer_chars or nesting_depth(answer) > max_depth:
+    if (
+        answer is None
+        or len(answer) > max_answer_chars
+        or nesting_depth(answer) > max_depth
+        or largest_number_digits(answer) > max_digits
+    ):
         return 0.0
-    gold = _parse_latex(_reference(ground_truth))
+    reference = _reference(ground_truth)
+    if largest_number_digits(reference) > max_digits:
+        raise ValueError(f"the ground truth writes a number of more than {max_digits} digits")
+    gold = _parse_latex(reference)
     if not gold:
         raise ValueError(f"math-verify cannot read the ground truth {ground_truth[:200]!r}")
     predicted = _parse_latex(answer)
@@ -215,9 +291,27 @@ def math_reward(
     return 1.0 if _load_math_verify().verify(gold, predicted, timeout_seconds=None) else 0.0
 
 
+_WARM_UP = [
+    ("\\frac{1}{2}", "0.5"),
+    ("2^{10}", "1024"),
+    ("x^{2}+2x+1", "(x+1)^2"),
+    ("\\sqrt{3}\\pi", "\\pi\\sqrt{3}"),
+    ("[0, 1)", "x \\in [0, 1)"),
+    ("\\{1, 2\\}", "\\{2, 1\\}"),
+    ("50\\%", "0.5"),
+    ("5\\text{ cm}", "5"),
+    ("\\binom{5}{2}", "10"),
+    ("3!", "6"),
+    ("-\\frac{\\sqrt{2}}{2}", "\\cos(3\\pi/4)"),
+]
+"""An answer and a ground truth of each kind math-verify handles along a path of its own."""
+
+
 def warm_up() -> None:
-    """Import math-verify and run its parser once, so that a fresh worker's first item is not slow."""
-    math_reward("\\boxed{\\frac{1}{2}}", "0.5")
+    """Run math-verify once along each of its main paths, so that a worker's first items are not slow
+    (sympy compiles and caches as it first meets each kind of expression)."""
+    for answer, ground_truth in _WARM_UP:
+        math_reward(f"\\boxed{{{answer}}}", ground_truth)
 
 
 # --- format --------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from reward_server.rewards import (
     extract_answer,
     format_reward,
     iou_reward,
+    largest_number_digits,
     last_boxed,
     math_reward,
     nesting_depth,
@@ -139,6 +140,8 @@ def test_math_reads_the_answer_tag_and_boxed_or_dollar_ground_truths():
         r"\boxed{\frac{}{}}",  # unreadable
         "\\boxed{" + "7" * 1001 + "}",  # longer than max_answer_chars
         "\\boxed{" + "{" * 11 + "7" + "}" * 11 + "}",  # deeper than max_depth
+        r"\boxed{9^{9^{9^{9}}}}",  # more digits than max_digits: sympy would compute it for ever
+        r"\boxed{(10!)!}",
     ],
 )
 def test_math_scores_malformed_answers_zero(response):
@@ -150,6 +153,35 @@ def test_math_bounds_are_parameters():
     assert math_reward(deep, "7") == 0.0
     assert math_reward(deep, "7", max_depth=12) == 1.0
     assert math_reward(boxed("7" * 5), "77777", max_answer_chars=4) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "digits"),
+    [
+        ("x^{2}+1", 0.0),  # no number: nothing to estimate
+        (r"\frac{1}{2}", 0.0),
+        ("2^{10}", math.log10(1024)),
+        ("10^{10^{2}}", 100.0),  # the inner power first: 10^{100}
+        ("{(2^{3})}^{4}", math.log10(4096)),  # braces and brackets around a number group it
+        ("9^{9^{9}}", 9**9 * math.log10(9)),
+        ("100!", math.lgamma(101) / math.log(10)),
+        ("(10!)!", math.lgamma(3628801) / math.log(10)),
+        ("3!=6", math.log10(6)),
+        ("1^{9^{99}}", 99 * math.log10(9)),  # 1 stays 1, but sympy still meets 9^{99} first
+        ("0^{0}", 0.0),
+        ("9^{9^{9^{9}}}", math.inf),  # the exponent alone has 370 million digits
+        ("(10^{20})!", math.inf),
+    ],
+)
+def test_largest_number_digits_estimates_powers_and_factorials(text, digits):
+    assert largest_number_digits(text) == pytest.approx(digits)
+
+
+def test_math_digit_bound_is_a_parameter_and_guards_the_ground_truth_too():
+    assert math_reward(boxed("2^{100}"), "2^{100}") == 1.0
+    assert math_reward(boxed("2^{100}"), "2^{100}", max_digits=30) == 0.0  # 2^100 has 31 digits
+    with pytest.raises(ValueError, match="ground truth writes a number of more than 30 digits"):
+        math_reward(boxed("1"), "2^{100}", max_digits=30)
 
 
 def test_math_refuses_a_ground_truth_it_cannot_read():

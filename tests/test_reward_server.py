@@ -1,8 +1,9 @@
 r"""The reward server over HTTP, started as a user starts it (``cppo reward-server``): both routes,
 bad requests, hostile inputs, timeouts and crashes in the worker pool, plugins, and auth.
 
-The server under test has two workers and a 2 s item timeout, and loads a plugin of test functions
-(below) that crash their worker, meet at a rendezvous, raise, or return a non-number.
+The server under test has two workers, the default 0.5 s fast lane and a 2 s item timeout, and loads a
+plugin of test functions (below) that crash their worker, meet at a rendezvous, record the order they
+ran in, raise, or return a non-number. The lanes and cancellation are tested on a pool in-process.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,6 +25,7 @@ from servers import metric, running_server
 
 from reward_server.config import RewardSettings
 from reward_server.main import serve
+from reward_server.metrics import RewardMetrics
 from reward_server.pool import Outcome, WorkerPool
 from reward_server.registry import Task
 from reward_server.service import openrlhf_response
@@ -60,6 +63,18 @@ def rendezvous(response: str, ground_truth: str) -> float:
         return 1.0
     while not Path(path).exists():
         time.sleep(0.01)
+    return 1.0
+
+
+@reward_function("record", needs_ground_truth=False)
+def record(response: str, ground_truth: str) -> float:
+    """'LOG|LABEL' appends LABEL to the file LOG; 'LOG|LABEL|GATE' first waits for GATE to exist.
+    Scores 1."""
+    log, label, *gate = response.split("|")
+    while gate and not Path(gate[0]).exists():
+        time.sleep(0.01)
+    with open(log, "a") as file:
+        file.write(label + "\\n")
     return 1.0
 
 
@@ -154,7 +169,7 @@ def test_rewards_lists_builtins_and_plugins_with_parameters(client):
     catalog = client.get("/v1/rewards").json()
     functions = {entry["name"]: entry for entry in catalog["functions"]}
     builtins = {"math", "format", "choice", "exact", "numeric", "iou"}
-    plugins = {"crash", "rendezvous", "raises", "not_a_number", "question_length", "length_penalty"}
+    plugins = {"crash", "rendezvous", "record", "raises", "not_a_number", "question_length", "length_penalty"}
     assert set(functions) == builtins | plugins
     assert functions["iou"]["parameters"]["mode"]["enum"] == ["threshold", "continuous"]
     assert functions["format"]["parameters"]["style"]["default"] == "boxed"
@@ -316,7 +331,8 @@ def test_hostile_inputs_cannot_stall_the_server(client):
     megabyte_tail = "a" * (MAX_TEXT_CHARS - 20) + r" \boxed{7}"
     results = score(
         client,
-        item("tower", r"\boxed{9^{9^{9^{9}}}}", "1"),  # sympy would evaluate it for ever
+        item("tower", r"\boxed{9^{9^{9^{9}}}}", "1"),  # sympy would evaluate it for ever: never parsed
+        item("factorial", r"\boxed{(10!)!}", "1"),
         item("after-tower", r"\boxed{7}", "7"),
         item("nested", "\\boxed{" + "\\frac{" * 5000 + "1" + "}{2}" * 5000 + "}", "1"),
         item("deep", "\\boxed{" + "{" * 400_000 + "1" + "}" * 400_000 + "}", "1"),
@@ -326,12 +342,11 @@ def test_hostile_inputs_cannot_stall_the_server(client):
         item("megabyte-numeric", "1," * (MAX_TEXT_CHARS // 2 - 2) + "42", "42", "numeric"),
         item("megabyte-iou", "[" * (MAX_TEXT_CHARS - 20) + "[0, 0, 10, 10]", "[0, 0, 10, 10]", "iou"),
     )
-    statuses = {result["id"]: result["status"] for result in results}
-    assert statuses.pop("tower") == "timeout"
-    assert set(statuses.values()) == {"ok"}
+    assert {result["status"] for result in results} == {"ok"}
     rewards = {result["id"]: result["reward"] for result in results}
     assert rewards == {
         "tower": 0.0,
+        "factorial": 0.0,
         "after-tower": 1.0,
         "nested": 0.0,  # past the answer bounds: never parsed
         "deep": 0.0,
@@ -341,10 +356,28 @@ def test_hostile_inputs_cannot_stall_the_server(client):
         "megabyte-numeric": 1.0,
         "megabyte-iou": 1.0,
     }
-    assert "item timeout" in results[0]["detail"]
     after = client.get("/metrics").text
-    restarts = 'cppo_reward_worker_restarts_total{reason="timeout"}'
-    assert metric(after, restarts) == metric(before, restarts) + 1
+    for reason in ("timeout", "moved_aside", "crash"):  # every one answered in its worker, in time
+        restarts = f'cppo_reward_worker_restarts_total{{reason="{reason}"}}'
+        assert metric(after, restarts) == metric(before, restarts)
+
+
+def test_an_item_past_the_timeout_scores_zero_and_its_worker_is_replaced(client, tmp_path):
+    before = client.get("/metrics").text
+    results = score(
+        client,
+        item("stuck", f"wait:{tmp_path / 'never'}", reward="rendezvous"),  # would wait for ever
+        item("fine", r"\boxed{7}", "7"),
+    )
+    assert [(result["status"], result["reward"]) for result in results] == [("timeout", 0.0), ("ok", 1.0)]
+    assert f"{ITEM_TIMEOUT_S:g} s item timeout" in results[0]["detail"]
+    after = client.get("/metrics").text
+    # It ran past the fast lane's 0.5 s first, was moved aside, then past the item timeout.
+    for reason, more in (("moved_aside", 1), ("timeout", 1)):
+        restarts = f'cppo_reward_worker_restarts_total{{reason="{reason}"}}'
+        assert metric(after, restarts) == metric(before, restarts) + more
+    moved = "cppo_reward_moved_aside_items_total"
+    assert metric(after, moved) == metric(before, moved) + 1
     wait_for_full_pool(client)
 
 
@@ -386,14 +419,107 @@ def test_a_dead_worker_fails_its_item_only_and_is_replaced(client, tmp_path, how
     assert [result["status"] for result in results] == ["ok", "ok"]
 
 
-def test_closing_the_pool_resolves_every_item():
-    # In-process: one worker stuck on the tower, one item queued behind it; closing answers both.
-    async def scenario() -> list[Outcome]:
-        pool = WorkerPool(1, item_timeout_s=600)
+# --- the pool in-process: lanes, fairness, cancellation, closing ----------------------------------
+
+
+def waiting(gate: Path) -> Task:
+    """An item that holds its worker until ``gate`` exists."""
+    return Task(("rendezvous",), f"wait:{gate}", "")
+
+
+def math_item(answer: str) -> Task:
+    return Task(("math",), rf"\boxed{{{answer}}}", answer)
+
+
+def counted(metrics: RewardMetrics, counter: str, label: str | None = None) -> float:
+    family = getattr(metrics, counter)
+    return (family.labels(label) if label else family)._value.get()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (a guard of 120 s against hanging, not a timing)."""
+    async with asyncio.timeout(120):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def test_slow_items_are_moved_aside_and_ordinary_ones_go_on(plugin, tmp_path):
+    # Three items that wait for a gate: each runs past the 0.2 s fast lane and is moved aside, and the
+    # slow lane may hold only one of the two workers. Ordinary items then go through the other one.
+    async def scenario() -> None:
+        metrics = RewardMetrics()
+        pool = WorkerPool(2, [str(plugin)], item_timeout_s=120, fast_lane_s=0.2, metrics=metrics)
         await pool.start()
-        tasks = [Task(("math",), r"\boxed{9^{9^{9^{9}}}}", "1"), Task(("math",), r"\boxed{1}", "1")]
+        try:
+            gate = tmp_path / "gate"
+            slow = asyncio.create_task(pool.score([waiting(gate)] * 3))
+            await until(lambda: counted(metrics, "moved_aside") == 3)
+            ordinary = await pool.score([math_item(str(n)) for n in range(6)])
+            assert [outcome.status for outcome in ordinary] == ["ok"] * 6
+            assert [outcome.components for outcome in ordinary] == [{"math": 1.0}] * 6
+            assert not slow.done()  # one slow item holds its worker, the other two wait in the slow lane
+            gate.touch()
+            assert [outcome.status for outcome in await slow] == ["ok"] * 3  # scored again, in full
+            assert counted(metrics, "worker_restarts", "moved_aside") == 3
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_request_that_used_least_worker_time_goes_first(plugin, tmp_path):
+    # One worker. 'greedy' has used the worker for as long as its first item waited for the gate;
+    # 'thrifty', queued meanwhile, has used none, so both its items run before greedy's other two.
+    async def scenario() -> list[str]:
+        pool = WorkerPool(1, [str(plugin)], item_timeout_s=120, fast_lane_s=60)
+        await pool.start()
+        try:
+            log, gate = tmp_path / "order", tmp_path / "gate"
+
+            def record(label: str, *wait: Path) -> Task:
+                return Task(("record",), "|".join([str(log), label, *map(str, wait)]), "")
+
+            greedy = asyncio.create_task(pool.score([record("g1", gate), record("g2"), record("g3")]))
+            await until(lambda: pool.queued == 2)  # g1 is with the worker
+            thrifty = asyncio.create_task(pool.score([record("t1"), record("t2")]))
+            await until(lambda: pool.queued == 4)
+            gate.touch()
+            await asyncio.gather(greedy, thrifty)
+            return log.read_text().split()
+        finally:
+            await pool.close()
+
+    assert asyncio.run(scenario()) == ["g1", "t1", "t2", "g2", "g3"]
+
+
+def test_a_cancelled_request_stops_its_running_items_too(plugin, tmp_path):
+    async def scenario() -> None:
+        metrics = RewardMetrics()
+        pool = WorkerPool(2, [str(plugin)], item_timeout_s=120, fast_lane_s=60, metrics=metrics)
+        await pool.start()
+        try:
+            never = tmp_path / "never"
+            scoring = asyncio.create_task(pool.score([waiting(never)] * 3))
+            await until(lambda: pool.queued == 1)  # two running, one waiting
+            scoring.cancel()
+            await until(lambda: counted(metrics, "worker_restarts", "cancelled") == 2)
+            assert counted(metrics, "items", "cancelled") == 3
+            await until(lambda: pool.alive == 2)  # both replaced, and they work
+            assert [outcome.status for outcome in await pool.score([math_item("1")] * 2)] == ["ok"] * 2
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_closing_the_pool_resolves_every_item(plugin, tmp_path):
+    # One worker held by an item, one item queued behind it; closing answers both.
+    async def scenario() -> list[Outcome]:
+        pool = WorkerPool(1, [str(plugin)], item_timeout_s=600, fast_lane_s=600)
+        await pool.start()
+        tasks = [waiting(tmp_path / "never"), math_item("1")]
         scoring = asyncio.create_task(pool.score(tasks))
-        while pool.queued != 1:  # the tower is with the worker, the other item waits
+        while pool.queued != 1:  # the first is with the worker, the other item waits
             await asyncio.sleep(0.01)
         await pool.close()
         assert pool.alive == 0
@@ -474,7 +600,7 @@ def test_openrlhf_refusals_name_the_field(client):
     assert error["field"] == "query"
 
 
-def test_openrlhf_timeouts_score_zero(client):
+def test_openrlhf_hostile_answers_score_zero(client):
     reply = openrlhf_post(
         client, ["Q" + r"\boxed{9^{9^{9^{9}}}}", "Q" + r"\boxed{1}"], ["Q", "Q"], ["1", "1"]
     )
