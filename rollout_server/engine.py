@@ -45,5 +45,5 @@ def make_backend(settings: RolloutSettings, folder: Path, metrics: RolloutMetric
         max_model_len=settings.max_model_len,
         dtype=settings.dtype,
         observe_batch=metrics.batch_size.observe,
-        observe_abort=metrics.observe_abort,
+        observe_aborted_tokens=metrics.observe_aborted_tokens,
     )

@@ -17,7 +17,8 @@ class RolloutMetrics(RequestMetrics):
         )
         self.samples = Counter(
             "cppo_rollout_samples",
-            "Samples generated, by finish reason",
+            "Samples generated, by finish reason (abort: its client went away, or another prompt of its "
+            "request failed)",
             ["finish_reason"],
             registry=self.registry,
         )
@@ -47,7 +48,6 @@ class RolloutMetrics(RequestMetrics):
             "cppo_rollout_weight_updates", "Weight updates, by outcome", ["outcome"], registry=self.registry
         )
 
-    def observe_abort(self, tokens: int) -> None:
-        """A sample cut short because its client went away, after ``tokens`` tokens."""
-        self.samples.labels("abort").inc()
+    def observe_aborted_tokens(self, tokens: int) -> None:
+        """Tokens generated for a sample that was then aborted (the service counts the sample itself)."""
         self.generated_tokens.inc(tokens)

@@ -14,10 +14,11 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -60,6 +61,23 @@ from shared.vlm import chat_template_messages
 
 DEFAULT_CHAT_MAX_TOKENS = 1024
 _IMAGE_ERROR_STATUS = {"too_large": 413, "too_many_pixels": 413}
+
+T = TypeVar("T")
+
+
+async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:
+    """``asyncio.gather``, except that the first failure cancels the rest (gather lets them run on).
+
+    A request that fails on one of its prompts so stops the work of the others at once: generations
+    are aborted, and decoding or perturbing handed to threads that have not started never starts.
+    """
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 class VersionGate:
@@ -167,6 +185,11 @@ class RolloutService:
             generation = await self.backend.generate(request)
         except PromptTooLongError as error:
             raise ServiceError(400, field, "context_length_exceeded", str(error)) from error
+        except asyncio.CancelledError:
+            # Counted here, wherever the request was (preparing, queued, generating), and on any backend:
+            # its client went away, or another prompt of its request failed.
+            self.metrics.samples.labels("abort").inc(request.n)
+            raise
         finally:
             self.metrics.queue_depth.dec()
         for sample in generation.samples:
@@ -204,7 +227,7 @@ class RolloutService:
 
     async def _rollouts(self, request: RolloutRequest) -> RolloutResponse:
         limits = self.settings.image_limits()
-        images = await asyncio.gather(
+        images = await gather_or_cancel(
             *(
                 asyncio.to_thread(
                     decode_message_images,
@@ -216,7 +239,7 @@ class RolloutService:
                 for i, p in enumerate(request.prompts)
             )
         )
-        views = await asyncio.gather(
+        views = await gather_or_cancel(
             *(
                 asyncio.to_thread(self._views, p.views or request.views, p.prompt_id, imgs)
                 for p, imgs in zip(request.prompts, images, strict=True)
@@ -237,7 +260,7 @@ class RolloutService:
                 jobs.append((i, view, generation))
         async with self.gate.reading():
             version = self.version
-            generations = await asyncio.gather(
+            generations = await gather_or_cancel(
                 *(self._generate(job, f"prompts.{i}.messages") for i, _, job in jobs)
             )
         results = [

@@ -172,7 +172,7 @@ class TransformersBackend:
         max_model_len: int | None = None,
         dtype: str = "auto",
         observe_batch: Callable[[int], None] = lambda rows: None,
-        observe_abort: Callable[[int], None] = lambda tokens: None,
+        observe_aborted_tokens: Callable[[int], None] = lambda tokens: None,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -182,8 +182,8 @@ class TransformersBackend:
         self.max_model_len = max_model_len or 0
         self.dtype = _DTYPES[dtype]
         self.observe_batch = observe_batch
-        # Aborted samples never reach the service, which counts the others; tokens they cost are counted here.
-        self.observe_abort = observe_abort
+        # Aborted samples never reach the service, which counts them but not the tokens they cost.
+        self.observe_aborted_tokens = observe_aborted_tokens
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
 
@@ -290,7 +290,7 @@ class TransformersBackend:
         generations = [Generation(prompt_token_ids=_unpadded(p.inputs), samples=[]) for p in batch]
         for row, owner in zip(rows, owners, strict=True):
             if row.finish_reason == "abort":
-                self.observe_abort(len(row.tokens))
+                self.observe_aborted_tokens(len(row.tokens))
             generations[owner].samples.append(self._sample(row))
         return generations
 

@@ -659,6 +659,28 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     assert ok.status_code == 200
 
 
+def test_a_request_that_fails_on_one_prompt_stops_the_others(server):
+    # Prompt 0 would run its whole 400-token budget; prompt 1 is longer than the context, which the
+    # backend finds out while prompt 0 waits or runs. The 400 must stop prompt 0's generation too, and
+    # its two samples count as aborted.
+    candidates = [_long_request(text) for text in ("Tell a long story.", "hi", "Count.", "Describe it.")]
+    long = next((c for c in candidates if _runs_full_length(server, c)), None)
+    assert long is not None, "every candidate prompt ends early under greedy decoding"
+    too_long = {"prompt_id": "too-long", "messages": [{"role": "user", "content": "red " * 600}]}
+    before = _metrics(server)
+    aborted = 'cppo_rollout_samples_total{finish_reason="abort"}'
+    with server.client() as client:
+        response = client.post("/v1/rollouts", json={**long, "prompts": [*long["prompts"], too_long]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["field"] == "prompts.1.messages"
+    after = _wait_for_metrics(
+        server, lambda text: metric(text, "cppo_rollout_queue_depth") == 0, "the queue to drain"
+    )
+    assert metric(after, aborted) - metric(before, aborted) == 2
+    generated = "cppo_rollout_generated_tokens_total"
+    assert metric(after, generated) - metric(before, generated) < 2 * 400
+
+
 def test_the_server_json_errors_follow_one_schema(server):
     with server.client() as client:
         response = client.post("/v1/chat/completions", json={"messages": [], "model": "x"})
