@@ -429,6 +429,42 @@ def test_stack_up_stops_everything_when_a_child_dies(tmp_path, inputs):
     assert not list((tmp_path / "run").glob("checkpoints/.partial-*"))
 
 
+def _descendants(pid: int) -> dict[int, str]:
+    """Every live process below ``pid`` (children, their children...): pid → command line."""
+    found = _children(pid)
+    for child in list(found):
+        found |= _descendants(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_stack_up_leaves_no_process_behind_whatever_the_signal(tmp_path, inputs, signum):
+    config = _config(tmp_path, inputs, [], "", train={"steps": 500}, checkpoint={"every": 0})
+    stack = _start("stack", "up", "--config", str(config))
+    _wait_for_step(tmp_path / "run", 1, stack)
+    tree = _descendants(stack.pid)
+    # Both servers, the reward server's fork server and its workers.
+    assert sum("rollout-server" in command for command in tree.values()) == 1
+    assert sum("reward-server" in command for command in tree.values()) == 1
+    assert len(tree) >= 4, tree
+    stack.send_signal(signum)
+    _, stderr = stack.communicate(timeout=300)
+    assert stack.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    deadline = time.monotonic() + 60  # the reward workers go with their fork server, just after it
+    while (alive := [pid for pid in tree if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive, {pid: tree[pid] for pid in alive}
+
+
 @pytest.mark.slow
 def test_the_demo_still_learns_on_samples_one_version_stale(tmp_path):
     """`make demo`'s run for 100 steps with max_staleness 1: every sample after the first step was made by

@@ -2,14 +2,17 @@
 
 Builds the tiny model and the synthetic dataset where the config points at local folders that do not
 exist yet, starts a rollout server and a reward server on free ports, waits for ``/ready``, trains, and
-stops them. An error, Ctrl-C or a dead child stops everything; checkpoints are atomic, so none is left
-half-written.
+stops them. An error, Ctrl-C, SIGTERM, SIGHUP or a dead child stops everything; checkpoints are atomic,
+so none is left half-written.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import signal
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import FrameType
 
 from rich.console import Console
 
@@ -46,7 +49,28 @@ def _watch(services: dict[str, Service]) -> None:
             raise StopTraining(f"the {name} exited with code {code}; the end of {service.log}:\n{tail}")
 
 
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP interrupt like Ctrl-C, so that the servers are stopped on the way out: by
+    default they end this process at once, and its children would live on, adopted by init."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def stack_up(config: TrainConfig, resume: str | None = None) -> Path:
+    with _signals_interrupt():
+        return _stack_up(config, resume)
+
+
+def _stack_up(config: TrainConfig, resume: str | None) -> Path:
     console = Console(stderr=True)
     prepare_inputs(config, console)
     logs = config.run_dir / "logs"
