@@ -61,6 +61,14 @@ class CpuMeter:
         return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])
 
 
+def tree_rss(roots: Iterable[int]) -> int:
+    """Resident memory of ``roots`` and their descendants, in bytes. Pages that forked workers share with
+    their parent count in each process, so this is an upper bound; its growth is what tells a leak."""
+    stats = _process_stats()
+    page = os.sysconf("SC_PAGE_SIZE")
+    return sum(int(stats[pid][21]) * page for pid in process_tree(roots, stats))
+
+
 def process_tree(roots: Iterable[int], stats: dict[int, list[str]]) -> set[int]:
     """``roots`` and their descendants, among the running processes ``stats`` describes."""
     children: dict[int, list[int]] = {}
@@ -76,7 +84,7 @@ def process_tree(roots: Iterable[int], stats: dict[int, list[str]]) -> set[int]:
 
 def _process_stats() -> dict[int, list[str]]:
     """The fields of ``/proc/PID/stat`` after the command name (which may hold spaces), by pid: the parent
-    at index 1, user and system CPU ticks at 11 and 12."""
+    at index 1, user and system CPU ticks at 11 and 12, resident pages at 21."""
     stats = {}
     for path in Path("/proc").glob("[0-9]*/stat"):
         try:
