@@ -58,7 +58,7 @@ Status = Literal["ok", "timeout", "error"]
 Ending = Literal["kept", "timeout", "cancelled", "crash", "undelivered"]
 """How a worker finished with an item: kept for the next one, or stopped (and why)."""
 
-_PRELOAD = ["reward_server.warm", "reward_server.plugins"]
+_PRELOAD = ["reward_server.warm", "reward_server.plugins", "reward_server.pool"]
 _INLINE_BYTES = 64 * 1024
 """Payloads above this are written to a worker's pipe from a thread, not the event loop."""
 _DETAIL_CHARS = 2000
@@ -165,6 +165,14 @@ class _Lanes:
             async with self._changed:
                 self.slow_running -= 1
                 self._changed.notify_all()
+
+    def prune(self) -> None:
+        """Forget the items whose request was cancelled (a free worker would skip them; an idle pool
+        would count them as queued for ever)."""
+        self._slow = deque(job for job in self._slow if not job.future.done())
+        for request in self._requests:
+            request.waiting = deque(job for job in request.waiting if not job.future.done())
+        self._requests = [request for request in self._requests if request.waiting]
 
     def drain(self) -> list[_Job]:
         """Every waiting item, taken out of the lanes."""
@@ -280,6 +288,8 @@ class WorkerPool:
         try:
             return list(await asyncio.gather(*futures))
         except asyncio.CancelledError:
+            self._lanes.prune()
+            self._observe_queue()
             if self.metrics is not None:  # gather cancelled every item that had no outcome yet
                 self.metrics.items.labels("cancelled").inc(sum(future.cancelled() for future in futures))
             raise

@@ -357,7 +357,9 @@ def test_hostile_inputs_cannot_stall_the_server(client):
         "megabyte-iou": 1.0,
     }
     after = client.get("/metrics").text
-    for reason in ("timeout", "moved_aside", "crash"):  # every one answered in its worker, in time
+    # Every one answered in its worker, within the item timeout. (A megabyte item may run past the fast
+    # lane's 0.5 s on a busy machine and be moved aside; that is the fast lane working.)
+    for reason in ("timeout", "crash"):
         restarts = f'cppo_reward_worker_restarts_total{{reason="{reason}"}}'
         assert metric(after, restarts) == metric(before, restarts)
 
@@ -504,6 +506,7 @@ def test_a_cancelled_request_stops_its_running_items_too(plugin, tmp_path):
             scoring.cancel()
             await until(lambda: counted(metrics, "worker_restarts", "cancelled") == 2)
             assert counted(metrics, "items", "cancelled") == 3
+            assert pool.queued == 0 and metrics.queue_depth._value.get() == 0  # the waiting one forgotten
             await until(lambda: pool.alive == 2)  # both replaced, and they work
             assert [outcome.status for outcome in await pool.score([math_item("1")] * 2)] == ["ok"] * 2
         finally:
