@@ -29,9 +29,10 @@ setup-browser:
 	test -x $(CHROMIUM) || $(SUDO) apt-get install -y -qq --no-install-recommends chromium \
 		|| ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium)
 
-# The whole system on this machine: the tiny model learns the colour task with CPPO (runs/demo).
+# The whole system on this machine: the tiny model learns the colour task with CPPO (runs/demo; an earlier
+# demo run there is moved aside to runs/demo.replaced-TIME, never deleted).
 demo: setup
-	$(VENV)/bin/cppo stack up --config configs/demo.yaml
+	$(VENV)/bin/cppo stack up --config configs/demo.yaml --overwrite
 
 # Both tiers: the main virtualenv (transformers backend and everything else), then vLLM's CPU build.
 test: test-main test-vllm

@@ -210,6 +210,23 @@ def test_config_errors_name_the_key_without_a_traceback(tmp_path, overrides, nam
     assert named in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command", [["train"], ["stack", "up"]], ids=" ".join)
+def test_a_run_folder_that_holds_a_run_is_refused_in_one_line(tmp_path, command):
+    run = tmp_path / "run"
+    (run / "checkpoints/step-000100").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 100}\n')
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(run)}))
+    cli = [sys.executable, "-m", "shared.cli", *command]
+    done = _train("--config", str(config), launcher=cli, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "already holds a run" in done.stderr and "--overwrite" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoints", "metrics.jsonl"]  # untouched
+    both = _train("--config", str(config), "--resume", "--overwrite", launcher=cli, timeout=120)
+    assert both.returncode == 2 and "give one of them" in both.stderr
+
+
 def test_a_missing_or_broken_config_file_is_reported(tmp_path):
     missing = _train("--config", str(tmp_path / "nope.yaml"), timeout=60)
     assert missing.returncode == 2 and "cannot read the config" in missing.stderr

@@ -343,3 +343,52 @@ def test_the_baselines_differ_from_cppo_only_in_the_algorithm(algorithm):
     assert {k: v for k, v in other.items() if k != "run_dir"} == {
         k: v for k, v in cppo.items() if k != "run_dir"
     }
+
+
+# --- one run per run folder ----------------------------------------------------------------------
+
+
+def test_a_run_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    from trainer.rundir import RunExistsError, check_run_dir
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)  # inputs alone are no run
+    assert check_run_dir(run, None, False) is None
+    assert check_run_dir(run, "latest", False) is None  # nothing to continue yet: a new run starts
+    assert check_run_dir(run, "elsewhere/step-000010", False) == "elsewhere/step-000010"
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(RunExistsError, match="already holds a run.*--resume.*--overwrite.*run.replaced-"):
+        check_run_dir(run, None, False)
+    assert check_run_dir(run, "latest", False) == "latest"
+    assert check_run_dir(run, None, True) is None
+    with pytest.raises(ValueError, match="give one of them"):
+        check_run_dir(run, "latest", True)
+
+
+def test_overwrite_moves_the_earlier_run_aside_and_keeps_the_inputs(tmp_path):
+    from trainer.rundir import move_aside
+
+    run = tmp_path / "run"
+    for folder in ("model", "data", "checkpoints/step-000200", "tensorboard", "logs"):
+        (run / folder).mkdir(parents=True)
+    for file in ("config.yaml", "metrics.jsonl", "learning_curves.png", "model/config.json"):
+        (run / file).write_text(file)
+    first = move_aside(run)
+    assert first is not None and first.parent == tmp_path and first.name.startswith("run.replaced-")
+    assert sorted(path.name for path in run.iterdir()) == ["data", "model"]
+    assert (run / "model/config.json").read_text() == "model/config.json"
+    moved = sorted(str(path.relative_to(first)) for path in first.rglob("*"))
+    assert moved == [
+        "checkpoints",
+        "checkpoints/step-000200",
+        "config.yaml",
+        "learning_curves.png",
+        "logs",
+        "metrics.jsonl",
+        "tensorboard",
+    ]
+    assert move_aside(run) is None  # nothing left to move
+    (run / "config.yaml").write_text("second")
+    second = move_aside(run)  # within the same second: a name of its own
+    assert second is not None and second != first and (second / "config.yaml").read_text() == "second"
+    assert (first / "config.yaml").read_text() == "config.yaml"

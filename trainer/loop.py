@@ -25,6 +25,7 @@ from trainer.clients import ReplicaError, RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
 from trainer.data import evaluation_examples, training_prompts
 from trainer.distributed import (
+    barrier,
     broadcast_from_rank0,
     init_distributed,
     mean_over_ranks,
@@ -39,6 +40,7 @@ from trainer.logs import RunLog, plot_curves, read_metrics, summary_table
 from trainer.objective import ALGORITHMS, metric_names
 from trainer.policy import Policy
 from trainer.rollouts import Sampler, ScoredBatch, step_seed
+from trainer.rundir import check_run_dir, move_aside
 from trainer.sync import Publisher
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,18 @@ class StopTraining(ChildProcessError):
 
 
 def train(
-    config: TrainConfig, resume: str | None = None, health_check: Callable[[], None] = lambda: None
+    config: TrainConfig,
+    resume: str | None = None,
+    health_check: Callable[[], None] = lambda: None,
+    overwrite: bool = False,
 ) -> Path:
-    """Train as ``config`` says; returns the run folder. ``health_check`` raises to stop the run."""
+    """Train as ``config`` says; returns the run folder. ``health_check`` raises to stop the run; a run
+    folder that holds a run is refused unless the run is resumed or ``overwrite`` moves it aside."""
     init_distributed()
     quiet_libraries()
     torch.manual_seed(config.seed)
     console = Console(stderr=True)
+    resume = claim_run_dir(config.run_dir, resume, overwrite, console)
     processor = load_processor(config.model.path)
     pad_id = processor.tokenizer.pad_token_id
     passes = ALGORITHMS[config.objective.algorithm].passes
@@ -113,6 +120,19 @@ def train(
 
 
 # --- helpers, in the order the loop calls them ---------------------------------------------------
+
+
+def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool, console: Console) -> str | None:
+    """What to resume from. Every rank checks the folder (so all refuse together); rank 0 moves an
+    earlier run aside."""
+    checked = check_run_dir(run_dir, resume, overwrite)
+    if rank() == 0:
+        if resume is not None and checked is None:
+            console.print(f"--resume: {run_dir} holds no run yet, so this one starts it")
+        if overwrite and (aside := move_aside(run_dir)) is not None:
+            console.print(f"moved the earlier run in {run_dir} to {aside}")
+    barrier()
+    return checked
 
 
 def resume_hint(run_dir: Path) -> str:

@@ -30,6 +30,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CHECKPOINT",
         help="continue from a checkpoint folder, or the run's latest without a value",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in a run_dir that holds a run, after moving that run aside (RUN_DIR.replaced-TIME)",
+    )
     # The `deepspeed` launcher passes --local_rank; the LOCAL_RANK variable it also sets is what is read.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -64,14 +69,14 @@ def run_train(args: argparse.Namespace) -> None:
     if (config := _config(args)) is not None:
         from trainer.loop import train
 
-        train(config, resume=args.resume)
+        train(config, resume=args.resume, overwrite=args.overwrite)
 
 
 def run_stack_up(args: argparse.Namespace) -> None:
     if (config := _config(args)) is not None:
         from trainer.stack import stack_up
 
-        stack_up(config, resume=args.resume)
+        stack_up(config, resume=args.resume, overwrite=args.overwrite)
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ from rich.console import Console
 from shared.launch import Service, running_service
 from trainer.config import TrainConfig
 from trainer.loop import StopTraining, train
+from trainer.rundir import check_run_dir, move_aside
 
 
 def _local_and_missing(path: str, run_dir: Path) -> bool:
@@ -65,13 +66,17 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(number, handler)
 
 
-def stack_up(config: TrainConfig, resume: str | None = None) -> Path:
+def stack_up(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     with _signals_interrupt():
-        return _stack_up(config, resume)
+        return _stack_up(config, resume, overwrite)
 
 
-def _stack_up(config: TrainConfig, resume: str | None) -> Path:
+def _stack_up(config: TrainConfig, resume: str | None, overwrite: bool) -> Path:
     console = Console(stderr=True)
+    # Before the servers start: they write their logs into the run folder.
+    resume = check_run_dir(config.run_dir, resume, overwrite)
+    if overwrite and (aside := move_aside(config.run_dir)) is not None:
+        console.print(f"moved the earlier run in {config.run_dir} to {aside}")
     prepare_inputs(config, console)
     logs = config.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
