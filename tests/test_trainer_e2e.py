@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -104,14 +105,21 @@ def test_training_steps_sync_weights_checkpoint_and_export(tmp_path, inputs, ser
         sync={"mode": "reference", "dir": str(sync_dir)},
         eval={"every": 3, "inspect_prompts": 2},
         train={"max_staleness": 1, "drop_uniform_groups": True},
-        log={"tensorboard": True},
+        log={"tensorboard": True, "progress": True},
     )
     before = _version(servers["rollout"])
+    started = datetime.now(UTC).replace(microsecond=0)
     done = _train("--config", str(config))
     assert done.returncode == 0, done.stderr
     run = tmp_path / "run"
     metrics = _metrics(run)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    times = [datetime.fromisoformat(m["time"]) for m in metrics]
+    assert started <= times[0] and times == sorted(times)
+    assert all(m["lr"] == pytest.approx(1e-3) for m in metrics[1:])  # no warm-up in this config
+    # Without a terminal: plain progress lines, and one line per evaluation.
+    assert "step 3/3" in done.stderr and "step/s" in done.stderr
+    assert "eval at step 0: greedy" in done.stderr and "eval at step 3: greedy" in done.stderr
     # Version before+1 is the starting policy; every step publishes the next one.
     assert [m["policy_version"] for m in metrics] == [before + 1, before + 2, before + 3, before + 4]
     assert _version(servers["rollout"]) == before + 4
@@ -132,6 +140,12 @@ def test_training_steps_sync_weights_checkpoint_and_export(tmp_path, inputs, ser
     events.Reload()
     pictures = events.Images("perception_tokens")
     assert [p.step for p in pictures] == [0, 3] and min(p.height for p in pictures) > 200
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/reward_mean", "train/lr", "eval/accuracy_greedy", "time/train"} <= scalars
+    assert not {name for name in scalars if "/" not in name}  # every scalar in a group
+    hyperparameters = events.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hyperparameters
+    assert b"rollout.n" in hyperparameters["_hparams_/session_start_info"]
     # The run folder records what the run resolved to.
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["rollout"]["urls"] == [servers["rollout"].url] and resolved["train"]["max_staleness"] == 1

@@ -392,3 +392,31 @@ def test_overwrite_moves_the_earlier_run_aside_and_keeps_the_inputs(tmp_path):
     second = move_aside(run)  # within the same second: a name of its own
     assert second is not None and second != first and (second / "config.yaml").read_text() == "second"
     assert (first / "config.yaml").read_text() == "config.yaml"
+
+
+# --- what a run prints ---------------------------------------------------------------------------
+
+
+def test_progress_and_evaluation_lines_fit_80_columns():
+    from trainer.logs import evaluation_line, progress_line, tensorboard_name
+
+    metrics = {"step": 120, "reward_mean": 0.8125, "accuracy_mean": 0.8, "cpl_loss": 0.69}
+    line = progress_line(metrics, steps_per_second=0.5, steps_left=130)
+    assert line == "0.50 step/s  eta 0:04:20  reward 0.812  acc 0.800"
+    assert len(f"step 120/250 {'━' * 16} {line}") <= 80
+    assert progress_line({"step": 0}, steps_per_second=float("nan"), steps_left=250) == ""
+    evaluation = {
+        "step": 100,
+        "eval_accuracy_greedy": 1.0,
+        "eval_accuracy_greedy_removed": 0.2,
+        "eval_perception_gap": 0.8,
+        "eval_accuracy_sampled": None,  # not measured: left out
+    }
+    assert evaluation_line(evaluation) == "eval at step 100: greedy 1.000  I⁻ 0.200  gap 0.800"
+    names = ["reward_mean", "eval_accuracy_greedy", "seconds_train", "perception_token_fraction/colour"]
+    assert [tensorboard_name(name) for name in names] == [
+        "train/reward_mean",
+        "eval/accuracy_greedy",
+        "time/train",
+        "train/perception_token_fraction/colour",
+    ]

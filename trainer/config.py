@@ -254,7 +254,9 @@ class EvalConfig(Section):
 class LogConfig(Section):
     tensorboard: bool = Field(default=True, description="Write TensorBoard events to run_dir/tensorboard.")
     wandb_project: str | None = Field(default=None, description="Log to this wandb project too; null is off.")
-    progress: bool = Field(default=True, description="Show a progress bar.")
+    progress: bool = Field(
+        default=True, description="Show progress: a bar on a terminal, else a plain line now and then."
+    )
 
 
 class TrainConfig(Section):

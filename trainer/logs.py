@@ -1,21 +1,35 @@
-"""Where a run reports itself: ``metrics.jsonl`` (one object per step), TensorBoard, wandb when configured,
-a progress bar, and at the end a summary table and a PNG of the learning curves."""
+"""Where a run reports itself: ``metrics.jsonl`` (one object per step, with its wall-clock time),
+TensorBoard (``train/``, ``eval/``, ``time/``, and the config as hyperparameters), wandb when configured,
+progress (a bar on a terminal, a plain line now and then elsewhere), one line per evaluation, and at the
+end a summary table and a PNG of the learning curves."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from trainer.config import TrainConfig
 
-# Shown on the progress bar and in the summary, in this order.
+# In the summary, in this order.
 KEY_METRICS = ("reward_mean", "accuracy_mean", "eval_accuracy_greedy", "cpl_loss", "entropy_mean")
+# On the progress line, short: it must fit 80 columns with the step count, the rate and the ETA.
+PROGRESS_METRICS = {"reward_mean": "reward", "accuracy_mean": "acc"}
+EVAL_METRICS = {
+    "eval_accuracy_greedy": "greedy",
+    "eval_accuracy_greedy_removed": "I⁻",
+    "eval_perception_gap": "gap",
+    "eval_accuracy_sampled": "sampled",
+}
+PLAIN_EVERY_S = 30.0
+"""Without a terminal, a progress line at least this often (and every twentieth of the run)."""
 CURVES = (
     ("reward_mean", "accuracy_mean"),
     ("eval_accuracy_greedy", "eval_accuracy_greedy_removed", "eval_accuracy_sampled", "eval_perception_gap"),
@@ -58,40 +72,71 @@ class RunLog:
                 dir=str(config.run_dir),
                 config=config.model_dump(mode="json"),
             )
+        if self.tensorboard is not None:
+            self.tensorboard_hyperparameters(config)
+        self.steps = config.train.steps
+        self.first_step = first_step
+        self.started = time.monotonic()
+        self.plain = config.log.progress and not self.console.is_terminal
+        self.plain_every = max(1, config.train.steps // 20)
+        self.last_plain = (first_step, self.started)
         self.progress = None
-        if config.log.progress:
+        if config.log.progress and self.console.is_terminal:
             self.progress = Progress(
-                TextColumn("[bold]step {task.completed}/{task.total}"),
-                BarColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[summary]}"),
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(bar_width=16),
+                TextColumn("{task.fields[line]}"),
                 console=self.console,
             )
             self.task = self.progress.add_task(
-                "train", total=config.train.steps, completed=first_step, summary=""
+                "train", total=config.train.steps, completed=first_step, line=""
             )
             self.progress.start()
+
+    def tensorboard_hyperparameters(self, config: TrainConfig) -> None:
+        """The resolved config in TensorBoard's HPARAMS tab, one dotted key per value."""
+        from torch.utils.tensorboard.summary import hparams
+
+        values = {
+            key: value if isinstance(value, int | float | str | bool) else json.dumps(value)
+            for key, value in _flatten(config.model_dump(mode="json")).items()
+        }
+        for summary in hparams(values, {"eval/accuracy_greedy": math.nan}):
+            self.tensorboard.file_writer.add_summary(summary)
 
     def write(self, metrics: dict[str, float | int | None]) -> None:
         clean = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()
         }
+        step = int(metrics["step"])
+        clean = {"step": step, "time": datetime.now(UTC).isoformat(timespec="seconds"), **clean}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
-        step = int(metrics["step"])
         if self.tensorboard is not None:
             for name, value in clean.items():
                 if name != "step" and isinstance(value, int | float):
-                    self.tensorboard.add_scalar(name, value, step)
+                    self.tensorboard.add_scalar(tensorboard_name(name), value, step)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, int | float)}, step=step)
+        if any(name in clean for name in EVAL_METRICS):
+            self.console.print(evaluation_line(clean))
+        line = progress_line(clean, self.steps_per_second(step), self.steps - step)
         if self.progress is not None:
-            shown = "  ".join(
-                f"{k} {clean[k]:.3f}" for k in KEY_METRICS if isinstance(clean.get(k), int | float)
-            )
-            self.progress.update(self.task, completed=step, summary=shown)
+            self.progress.update(self.task, completed=step, line=line)
+        elif self.plain and self._plain_due(step):
+            self.console.print(f"step {step}/{self.steps}  {line}", highlight=False)
+
+    def steps_per_second(self, step: int) -> float:
+        elapsed = time.monotonic() - self.started
+        return (step - self.first_step) / elapsed if elapsed > 0 else math.nan
+
+    def _plain_due(self, step: int) -> bool:
+        last_step, last_time = self.last_plain
+        now = time.monotonic()
+        if step - last_step >= self.plain_every or now - last_time >= PLAIN_EVERY_S or step == self.steps:
+            self.last_plain = (step, now)
+            return True
+        return False
 
     def figure(self, name: str, figure, step: int) -> None:
         """A matplotlib figure to TensorBoard and wandb (closed afterwards)."""
@@ -113,6 +158,48 @@ class RunLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def tensorboard_name(metric: str) -> str:
+    """TensorBoard's name of a metric: grouped as ``eval/``, ``time/`` (seconds per phase) or ``train/``."""
+    if metric.startswith("eval_"):
+        return "eval/" + metric.removeprefix("eval_")
+    if metric.startswith("seconds_"):
+        return "time/" + metric.removeprefix("seconds_")
+    return "train/" + metric
+
+
+def progress_line(metrics: dict, steps_per_second: float, steps_left: int) -> str:
+    """``0.82 step/s  eta 2:01  reward 0.812  acc 0.800``: what the bar or the plain line shows."""
+    parts = []
+    if math.isfinite(steps_per_second) and steps_per_second > 0:
+        eta = round(steps_left / steps_per_second)
+        parts.append(f"{steps_per_second:.2f} step/s")
+        parts.append(f"eta {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
+    for name, short in PROGRESS_METRICS.items():
+        if isinstance(metrics.get(name), int | float):
+            parts.append(f"{short} {metrics[name]:.3f}")
+    return "  ".join(parts)
+
+
+def evaluation_line(metrics: dict) -> str:
+    """``eval at step 100: greedy 1.000  I⁻ 0.200  gap 0.800  sampled 0.938``."""
+    shown = "  ".join(
+        f"{short} {metrics[name]:.3f}"
+        for name, short in EVAL_METRICS.items()
+        if isinstance(metrics.get(name), int | float)
+    )
+    return f"eval at step {metrics['step']}: {shown}"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _drop_after(path: Path, step: int) -> None:

@@ -228,7 +228,7 @@ def update(
                     logp, _ = policy.score_old(collate(micro, passes, pad_id), ("clean",))["clean"]
                     for i, row in enumerate(micro):
                         old[id(row)] = logp[i, : len(row.response_ids)].cpu()
-    totals: dict[str, float] = {}
+    totals: dict[str, float] = {"lr": policy.learning_rate()}
     token_means = TokenMeans(groups)
     for mini in mini_batches:
         for micro in _split(mini, micro_count):

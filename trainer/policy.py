@@ -103,6 +103,10 @@ class Policy:
         metrics["rollout_logprob_gap"] = masked_mean((old - rollout).abs(), mask)
         return {name: value.tolist() if value.ndim else float(value) for name, value in metrics.items()}
 
+    def learning_rate(self) -> float:
+        """The rate the next optimizer step uses (the scheduler's, during warm-up)."""
+        return float(self.engine.get_lr()[0])
+
     def grad_norm(self) -> float:
         """The last optimizer step's gradient norm, before clipping."""
         norm = (
