@@ -62,13 +62,22 @@ class WeightsStager:
     def folder_for_path(self, path: str) -> tuple[Path, Path | None]:
         """The checkpoint folder for ``path`` (a folder or a .safetensors file), and the temporary folder
         to delete after loading, if one was made."""
-        resolved = Path(path).resolve()
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, RuntimeError, ValueError) as error:
+            # A NUL byte (ValueError), or a symlink loop (RuntimeError before Python 3.13, OSError after).
+            raise WeightsLoadError(f"{path!r} cannot be resolved: {error}") from error
         if self.root is not None and not resolved.is_relative_to(self.root):
             raise WeightsLoadError(f"{path} is outside the weights root {self.root}")
-        if resolved.is_dir():
+        try:
+            is_dir, is_file = resolved.is_dir(), resolved.is_file()
+        except OSError as error:
+            # A name longer than the file system takes (ENAMETOOLONG) is not among the errors these ignore.
+            raise WeightsLoadError(f"{path} cannot be looked at: {error.strerror}") from error
+        if is_dir:
             check_compatible(tensor_layout(resolved), self.layout)
             return resolved, None
-        if resolved.is_file() and resolved.suffix == ".safetensors":
+        if is_file and resolved.suffix == ".safetensors":
             staged = self._stage(lambda target: target.symlink_to(resolved))
             return staged, staged
         raise WeightsLoadError(f"{path} is neither a checkpoint folder nor a .safetensors file")

@@ -20,7 +20,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.schemas import ErrorDetail, ErrorResponse
+from shared.schemas import MAX_DETAIL_CHARS, MAX_PATH_CHARS, ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,15 @@ class ServiceError(Exception):
 
 
 def error_response(status: int, field: str | None, code: str, message: str, headers=None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(field=field, message=message[:16_000], code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    # Both can quote the client's input (a field path names the unknown keys it sent), so are clipped to
+    # what ErrorDetail allows: a refusal that failed its own validation would be a 500.
+    field = None if field is None else _clip(field, MAX_PATH_CHARS)
+    detail = ErrorDetail(field=field, message=_clip(message, MAX_DETAIL_CHARS), code=code)
+    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status, headers=headers)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _field_path(location: tuple[Any, ...]) -> str | None:
@@ -163,20 +170,36 @@ class BodyLimit:
             await self._refuse(scope, receive, send, limit)
             return
         received = 0
+        exceeded = started = refused = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    exceeded = True
                     raise _TooLarge
             return message
 
+        async def refusing_send(message: Message) -> None:
+            nonlocal started, refused
+            # A body without Content-Length (chunked) passes the limit inside the app, and FastAPI turns a
+            # body it failed to read into a 400 of its own: past the limit, the client is told why instead.
+            if started or not exceeded:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+            elif not refused:
+                refused = True
+                await self._refuse(scope, receive, send, limit)
+
         try:
-            await self.app(scope, counting_receive, send)
+            await self.app(scope, counting_receive, refusing_send)
         except _TooLarge:
-            await self._refuse(scope, receive, send, limit)
+            if started:
+                raise
+            if not refused:
+                await self._refuse(scope, receive, send, limit)
 
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:

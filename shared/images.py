@@ -143,9 +143,9 @@ def _read_file_url(url: str, limits: ImageLimits) -> bytes:
     if not path.is_relative_to(root):
         raise ImageError("outside_root", f"file {path} is outside the image root {root}")
     # Existence is looked at only inside the root, so that no one can probe the rest of the disk.
-    if not path.is_file():
-        raise ImageError("not_found", f"image file {path} does not exist or is not a regular file")
     try:
+        if not path.is_file():
+            raise ImageError("not_found", f"image file {path} does not exist or is not a regular file")
         with path.open("rb") as file:
             # The size of the file opened, not of whatever the path names by now.
             size = os.fstat(file.fileno()).st_size

@@ -217,7 +217,9 @@ def perspective(image: Image.Image, applied: bool, endpoints: list[list[int]] | 
 
 def _draw_perspective(rng: np.random.Generator, size: Size) -> Params:
     applied = bool(rng.random() < PERSPECTIVE_PROBABILITY)
-    if not applied:
+    # An image one pixel wide or high has no quadrilateral to warp: its corners are collinear, and the
+    # coefficients' equations singular. Drawn after the coin, so that other sizes draw as before.
+    if not applied or min(size) < 2:
         return {"image_size": list(size), "applied": False, "endpoints": None}
     width, height = size
     reach_x = int(PERSPECTIVE_DISTORTION * (width // 2)) + 1

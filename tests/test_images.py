@@ -338,6 +338,12 @@ def test_directory_is_not_found(root: Path) -> None:
     assert refusal((root / "folder").as_uri(), ImageLimits(file_root=root)).code == "not_found"
 
 
+def test_a_name_too_long_for_the_file_system_is_not_found(root: Path) -> None:
+    # Looking a 300-byte name up fails with ENAMETOOLONG, which Path.is_file does not swallow.
+    error = refusal(f"file://{root}/{'a' * 300}.png", ImageLimits(file_root=root))
+    assert error.code == "not_found" and "File name too long" in str(error)
+
+
 def test_file_over_byte_limit(root: Path) -> None:
     error = refusal((root / "inside.png").as_uri(), ImageLimits(max_bytes=100, file_root=root))
     assert error.code == "too_large"

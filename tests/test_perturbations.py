@@ -132,6 +132,21 @@ def test_every_transform_keeps_size_and_rgb(transform: str, size: tuple[int, int
         assert spec.transform == transform and spec.kind == KIND_OF[transform] and spec.seed == seed
 
 
+@pytest.mark.parametrize("transform", ALL_TRANSFORMS)
+@pytest.mark.parametrize("size", [(1, 1), (1, 40), (40, 1), (2, 1), (2, 2)])
+def test_every_transform_takes_an_image_one_or_two_pixels_across(
+    transform: str, size: tuple[int, int]
+) -> None:
+    # A client may send any image the decoder accepts; a 1 x 1 PNG once made perspective raise (a 500).
+    image = Image.new("RGB", size, "red")
+    for seed in range(6):  # enough seeds that perspective is drawn as applied at least once
+        out, spec = view(image, transform, seed)
+        assert out.size == size and out.mode == "RGB"
+        assert np.array_equal(np.asarray(apply_spec(image, spec)), np.asarray(out))
+        if transform == "perspective" and min(size) == 1:
+            assert spec.params == {"image_size": list(size), "applied": False, "endpoints": None}
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "1"])
 def test_non_rgb_input_gives_rgb_view(mode: str) -> None:
     image = scene(100, 80).convert(mode)

@@ -6,7 +6,6 @@ import asyncio
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,11 +22,6 @@ from shared.settings import exposure_problem, warn_if_exposed
 from shared.tiny_model import build_tiny_model
 
 LN = math.log
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 # --- sampling ------------------------------------------------------------------------------------
@@ -147,6 +141,13 @@ def test_stager_refuses_paths_outside_the_root_and_non_checkpoints(tiny, tmp_pat
         stager.folder_for_path(str(tmp_path / "notes.txt"))
     staged = stager.folder_for_bytes((tiny / "model.safetensors").read_bytes())
     assert (staged / "config.json").exists() and tensor_layout(staged) == stager.layout
+
+
+@pytest.mark.parametrize("path", ["\x00", "ok/\x00/x", "a" * 300, "/" + "a" * 300 + "/model.safetensors"])
+def test_stager_refuses_paths_the_file_system_cannot_look_up(tiny, path):
+    # A NUL byte fails to resolve; a name over 255 bytes fails the lookup (a 500 from POST /v1/weights once).
+    with pytest.raises(WeightsLoadError, match="cannot be"):
+        WeightsStager(tiny).folder_for_path(path)
 
 
 # --- settings, auth and readiness ----------------------------------------------------------------
