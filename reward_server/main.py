@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 import re
 
-import uvicorn
-
 from reward_server.app import create_app
 from reward_server.config import RewardSettings
-from shared.settings import exposure_problem, show_settings, warn_if_exposed
+from shared.server import serve as serve_app
+from shared.settings import exposure_problem
 
 _KEY_IN_QUERY = re.compile(r"(api_key=)[^&\s]*")
 
@@ -25,20 +24,14 @@ class RedactKeys(logging.Filter):
         return True
 
 
+def redact_keys_in_access_log() -> None:
+    logging.getLogger("uvicorn.access").addFilter(RedactKeys())
+
+
 def serve(settings: RewardSettings) -> None:
     """Refuse an insecure address, load the plugins (a bad one is a ``ValueError``), then serve."""
     problem = exposure_problem(settings.host, settings.api_key, settings.insecure_no_auth)
     if problem:
         raise ValueError(problem)
     app = create_app(settings)
-    show_settings(settings, "reward server settings")
-    warn_if_exposed(settings.host, settings.api_key)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.drain_s,
-    )
-    logging.getLogger("uvicorn.access").addFilter(RedactKeys())  # after Config, which sets up logging
-    uvicorn.Server(config).run()
+    serve_app(app, settings, "reward server settings", redact_keys_in_access_log)

@@ -6,6 +6,7 @@ The tests and the benchmarks start real servers on real ports this way (and so w
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+_ACCESS_LOG = re.compile(r'^INFO: +\S+ - "[A-Z]+ \S+ HTTP/[\d.]+" \d{3}')
+"""uvicorn's access-log lines (``INFO:     127.0.0.1:5123 - "GET /ready HTTP/1.1" 503``)."""
+
+
+class LaunchError(ChildProcessError):
+    """A service exited, or was not ready in time; the message ends with the last lines of its log."""
 
 
 def free_port() -> int:
@@ -35,6 +43,11 @@ class Service:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of the log that say something: the access log's are left out."""
+        said = [line for line in self.output().splitlines() if not _ACCESS_LOG.match(line)]
+        return "\n".join(said[-lines:])
 
 
 @contextmanager
@@ -58,7 +71,7 @@ def running_service(
         )
     service = Service(f"http://127.0.0.1:{port}", process, log)
     try:
-        wait_ready(service, ready_timeout)
+        wait_ready(service, ready_timeout, command)
         yield service
     finally:
         process.terminate()
@@ -69,14 +82,16 @@ def running_service(
             process.wait()
 
 
-def wait_ready(service: Service, timeout: float) -> None:
-    """Poll ``/ready`` until it answers 200; fail with the service's log if it dies or takes too long."""
+def wait_ready(service: Service, timeout: float, name: str = "service") -> None:
+    """Poll ``/ready`` until it answers 200; a :class:`LaunchError` with the end of the service's log if
+    it dies or takes too long."""
     deadline = time.monotonic() + timeout
     with httpx.Client(base_url=service.url, timeout=5) as client:
         while time.monotonic() < deadline:
             if service.process.poll() is not None:
-                raise RuntimeError(
-                    f"the service exited with {service.process.returncode}:\n{service.output()}"
+                raise LaunchError(
+                    f"the {name} exited with code {service.process.returncode}; the end of {service.log}:\n"
+                    f"{service.tail()}"
                 )
             try:
                 if client.get("/ready").status_code == 200:
@@ -84,4 +99,6 @@ def wait_ready(service: Service, timeout: float) -> None:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-    raise TimeoutError(f"the service was not ready within {timeout} s:\n{service.output()}")
+    raise LaunchError(
+        f"the {name} was not ready within {timeout:g} s; the end of {service.log}:\n{service.tail()}"
+    )

@@ -2,19 +2,23 @@
 body limits, request metrics, bearer auth, and a service that starts in the background.
 
 The service (a loaded model, started worker processes) starts once the app has, so that ``/health``
-answers at once; until the service is up, ``/ready`` answers 503 saying what is happening or why it
-failed, and so do the routes that need it (:func:`started_service`).
+answers at once; until the service is up, ``/ready`` answers 503 saying what is happening, and so do the
+routes that need it (:func:`started_service`). A service that fails to start stops the server, which
+:func:`serve` then reports in one line: a server that can never become ready should not linger.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -29,6 +33,7 @@ from shared.http import (
     install_error_handlers,
 )
 from shared.schemas import ErrorResponse, Health, Readiness
+from shared.settings import show_settings, warn_if_exposed
 
 log = logging.getLogger("cppo.server")
 
@@ -45,6 +50,18 @@ S = TypeVar("S", bound=StartedService)
 class ServerSettings(Protocol):
     api_key: SecretStr | None
     max_request_bytes: int
+
+
+class ListenSettings(Protocol):
+    host: str
+    port: int
+    api_key: SecretStr | None
+    log_level: str
+    drain_s: float
+
+
+class ServiceStartError(ValueError):
+    """The service could not start (a model that does not load, a plugin that fails in the workers)."""
 
 
 class RequestMetrics:
@@ -82,13 +99,17 @@ class Startup(Generic[S]):
     """What a route that needs the service says meanwhile."""
     service: S | None = field(default=None, init=False)
     error: str | None = field(default=None, init=False)
+    on_failure: Callable[[], None] = field(default=lambda: None, init=False)
+    """What to do once ``error`` is set: :func:`serve` stops the server."""
 
     async def run(self) -> None:
         try:
             self.service = await self.start()
         except Exception as error:
             self.error = f"{type(error).__name__}: {error}"
-            log.exception("the service failed to start")
+            log.error("the service failed to start: %s", self.error)
+            log.debug("why the service failed to start", exc_info=True)
+            self.on_failure()
 
 
 def started_service(request: Request) -> Any:
@@ -161,3 +182,50 @@ def service_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def serve(
+    app: FastAPI,
+    settings: ListenSettings,
+    title: str,
+    configure_logging: Callable[[], None] = lambda: None,
+) -> None:
+    """Show the settings (under ``title``) and serve ``app`` until stopped (SIGTERM drains for at most
+    ``settings.drain_s``). A port in use, or a service that fails to start, is a :class:`ValueError`
+    naming it, for the command line's one-line error. ``configure_logging`` runs once uvicorn has set up
+    its loggers."""
+    check_port_free(settings.host, settings.port)
+    show_settings(settings, title)
+    warn_if_exposed(settings.host, settings.api_key)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.drain_s,
+    )
+    configure_logging()
+    server = uvicorn.Server(config)
+    startup: Startup[Any] = app.state.startup
+
+    def stop() -> None:
+        server.should_exit = True
+
+    startup.on_failure = stop
+    server.run()
+    if startup.error is not None:
+        raise ServiceStartError(f"the service failed to start: {startup.error}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, naming the port and the flag, a port something already listens on (uvicorn would log
+    ``[Errno 98]`` and exit with code 3)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                in_use = f"port {port} on {host} is already in use; choose another with --port"
+                raise ValueError(in_use) from None
+            raise ValueError(f"cannot listen on {host}:{port}: {error.strerror}") from None

@@ -702,8 +702,8 @@ def test_serve_refuses_before_listening():
         serve(RewardSettings(host="0.0.0.0", port=1))
 
 
-def test_a_plugin_that_fails_in_the_workers_keeps_the_server_unready(tmp_path):
-    # Loads in the server, fails in each worker: /ready says why, and scoring is refused with 503.
+def test_a_plugin_that_fails_in_the_workers_stops_the_server_in_one_line(tmp_path):
+    # Loads in the server, fails in each worker: a server that can never be ready exits and says why.
     plugin = tmp_path / "server_only.py"
     plugin.write_text(
         textwrap.dedent(
@@ -720,32 +720,22 @@ def test_a_plugin_that_fails_in_the_workers_keeps_the_server_unready(tmp_path):
             """
         )
     )
-    log = tmp_path / "server.log"
-    port = free_port()
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "reward-server", "--workers", "1", "--plugin", str(plugin),
-             "--port", str(port)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                try:
-                    ready = client.get("/ready")
-                except httpx.TransportError:
-                    time.sleep(0.1)
-                    continue
-                if "only in the server" in ready.text:
-                    break
-                time.sleep(0.1)
-            assert ready.status_code == 503
-            error = refusal(client.post("/v1/score", json={"items": []}), 503)
-            assert "only in the server" in error["message"]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    command = [sys.executable, "-m", "shared.cli", "reward-server", "--workers", "1", "--plugin", str(plugin)]
+    done = subprocess.run([*command, "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("cppo reward-server: error: the service failed to start: WorkerStartError")
+    assert "only in the server" in last and "Traceback" not in done.stderr
+
+
+def test_a_port_in_use_is_named_with_the_flag_to_change_it():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "shared.cli", "reward-server", "--port", str(port)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"cppo reward-server: error: port {port} on 127.0.0.1 is already in use; choose another with --port"
+    )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -15,7 +17,7 @@ from servers import running_server
 from rollout_server.app import create_app
 from rollout_server.backend import SamplingSpec, WeightsLoadError
 from rollout_server.config import RolloutSettings
-from rollout_server.service import VersionGate, derive_seed
+from rollout_server.service import VersionGate, derive_seed, gather_or_cancel
 from rollout_server.transformers_backend import RowSampler, _Row, processed_logprobs, sample_seed
 from rollout_server.weights import WeightsStager, check_compatible, tensor_layout
 from shared.settings import exposure_problem, warn_if_exposed
@@ -228,3 +230,92 @@ def test_ready_reports_a_model_that_failed_to_load(tmp_path):
     assert ready.status_code == 503 and ready.json()["ready"] is False
     assert "safetensors" in ready.json()["detail"]
     assert rollouts.status_code == 503 and rollouts.json()["error"]["code"] == "not_ready"
+
+
+def test_gather_or_cancel_stops_the_rest_at_the_first_failure():
+    # One thread: the failing call runs first, so the two behind it have not started when it fails,
+    # and must never start. A coroutine waiting alongside is cancelled.
+    ran: list[str] = []
+
+    def fail() -> None:
+        ran.append("fail")
+        raise ValueError("bad image")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        waiter = asyncio.ensure_future(asyncio.Event().wait())
+        with pytest.raises(ValueError, match="bad image"):
+            await gather_or_cancel(
+                asyncio.to_thread(fail),
+                asyncio.to_thread(ran.append, "b"),
+                asyncio.to_thread(ran.append, "c"),
+                waiter,
+            )
+        await asyncio.sleep(0)  # let the cancellations land
+        assert waiter.cancelled()
+        await loop.run_in_executor(None, ran.append, "after")  # the executor works, and ran what it had
+
+    asyncio.run(scenario())
+    assert ran == ["fail", "after"]
+
+
+def test_gather_or_cancel_returns_results_in_order():
+    async def twice(x: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * x
+
+    assert asyncio.run(gather_or_cancel(twice(1), asyncio.to_thread(lambda: 5), twice(3))) == [2, 5, 6]
+
+
+# --- failing fast, in one line -------------------------------------------------------------------
+
+
+def test_model_and_dataset_references_are_checked_before_anything_loads(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from shared.hub import reference_problem
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "file").write_text("")
+    assert reference_problem(str(tmp_path / "model"), "--model", "config.json") is None
+    assert reference_problem("Qwen/Qwen2.5-VL-3B-Instruct", "--model") is None  # the hub may hold it
+    assert reference_problem("gpt2", "--model") is None
+    problems = {
+        str(tmp_path): "is a folder without config.json",
+        str(tmp_path / "file"): "is a file, not a folder",
+        str(tmp_path / "nope"): "no such folder (and not a hub id",  # absolute: never a hub id
+        "runs/demo/modell": "no such folder (and not a hub id",
+        f"{tmp_path.name}/nope": "no such folder in",  # could be ORG/NAME, but ORG is a local folder
+    }
+    monkeypatch.chdir(tmp_path.parent)
+    for reference, why in problems.items():
+        assert why in (reference_problem(reference, "--model", "config.json") or ""), reference
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "the hub is offline" in (reference_problem("Qwen/Qwen2.5-VL-3B-Instruct", "--model") or "")
+
+
+@pytest.mark.parametrize(
+    ("model", "env", "why"),
+    [
+        ("/no/such/model", {}, "--model /no/such/model: no such folder"),
+        ("Org/model", {"HF_HUB_OFFLINE": "1"}, "--model Org/model: no such folder, and the hub is offline"),
+    ],
+)
+def test_a_model_that_cannot_exist_stops_the_rollout_server_in_one_line(model, env, why):
+    command = [sys.executable, "-m", "shared.cli", "rollout-server", "--model", model]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(f"cppo rollout-server: error: {why}")
+    assert "Traceback" not in done.stderr
+
+
+def test_a_model_that_fails_to_load_stops_the_rollout_server_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a folder that looks like a model and is not one
+    command = [sys.executable, "-m", "shared.cli", "rollout-server", "--model", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("cppo rollout-server: error: the service failed to start:")
+    assert "Traceback" not in done.stderr

@@ -214,11 +214,17 @@ def test_an_algorithm_added_to_the_table_trains(tmp_path, inputs, servers):
         (["objective.algorithm=ppo"], "objective.algorithm"),
         (["rollout.n=1"], "rollout.n"),
         (["train"], "key=value"),
+        # Inputs that cannot exist stop the run at once, not after minutes of retries against the hub.
+        (["model.path=/no/such/model"], "model.path /no/such/model: no such folder"),
+        (["data.path=runs/no/such/data"], "data.path runs/no/such/data: no such folder"),
     ],
 )
 def test_config_errors_name_the_key_without_a_traceback(tmp_path, overrides, named):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # enough to pass as a model folder: none is loaded here
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run")}))
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": {"path": str(model)}}))
     done = _train("--config", str(config), *overrides, timeout=60)
     assert done.returncode == 2
     assert named in done.stderr and "Traceback" not in done.stderr

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from shared.launch import Service, running_service
 from trainer.config import TrainConfig
-from trainer.loop import StopTraining, train
+from trainer.loop import StopTraining, check_inputs, train
 from trainer.rundir import check_run_dir, move_aside
 
 
@@ -46,8 +46,8 @@ def _watch(services: dict[str, Service]) -> None:
     for name, service in services.items():
         code = service.process.poll()
         if code is not None:
-            tail = "\n".join(service.output().splitlines()[-20:])
-            raise StopTraining(f"the {name} exited with code {code}; the end of {service.log}:\n{tail}")
+            end = service.tail()
+            raise StopTraining(f"the {name} exited with code {code}; the end of {service.log}:\n{end}")
 
 
 @contextmanager
@@ -78,6 +78,7 @@ def _stack_up(config: TrainConfig, resume: str | None, overwrite: bool) -> Path:
     if overwrite and (aside := move_aside(config.run_dir)) is not None:
         console.print(f"moved the earlier run in {config.run_dir} to {aside}")
     prepare_inputs(config, console)
+    check_inputs(config)
     logs = config.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     rows = config.train.prompts_per_step * config.rollout.n
