@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -131,6 +132,9 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[AddCommands] | No
     except ValidationError as error:
         print(f"cppo {args.command}: error: {_describe(error)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cppo ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise
+        return 0
     except (ValueError, OSError) as error:
         print(f"cppo {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,18 @@ def test_the_readme_documents_every_server_setting(service):
     for name in settings.model_fields:
         assert f"`--{name.replace('_', '-')}" in readme, name
         assert f"`CPPO_{service.upper()}_{name.upper()}`" in readme, name
+
+
+def test_help_config_lists_every_key_whole_at_80_columns_when_piped():
+    from trainer.config import describe_fields
+
+    env = {**os.environ, "COLUMNS": "80"}
+    command = [CPPO, "train", "--help-config"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    entries = [line for line in lines if not line.startswith(" ")]
+    keys = [key for key, *_ in describe_fields()]
+    assert [entry.split(":")[0] for entry in entries] == keys
+    assert "train.lr: float = 1e-06" in entries

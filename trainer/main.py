@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from rich.console import Console
-from rich.table import Table
 
 from shared.commands import Subcommands
 
@@ -43,14 +42,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_fields() -> None:
+    """Every key as a short entry, wrapped to the terminal (80 columns when piped) and never cut: a
+    table cut keys and defaults short at 80 columns."""
     from trainer.config import describe_fields
 
-    table = Table(title="training config keys")
-    for column in ("key", "type", "default", "description"):
-        table.add_column(column)
-    for row in describe_fields():
-        table.add_row(*row)
-    Console().print(table)
+    width = shutil.get_terminal_size((80, 24)).columns
+    for key, type_name, default, description in describe_fields():
+        print(textwrap.fill(f"{key}: {type_name} = {default}", width, subsequent_indent="      "))
+        print(textwrap.fill(description, width, initial_indent="    ", subsequent_indent="    "))
 
 
 def _config(args: argparse.Namespace) -> TrainConfig | None:
