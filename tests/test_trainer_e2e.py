@@ -34,7 +34,7 @@ BASE = {
     "reward": {"reward": {"exact": 1.0}, "accuracy": "exact"},
     "train": {"steps": 3, "prompts_per_step": 4, "micro_batch_size": 8, "lr": 1e-3},
     "checkpoint": {"every": 2, "keep": 1},
-    "eval": {"every": 0, "prompts": 8, "samples": 2},
+    "eval": {"every": 0, "prompts": 4, "samples": 2},
     "log": {"tensorboard": False, "progress": False},
 }
 

@@ -357,7 +357,7 @@ def test_a_run_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp
     assert check_run_dir(run, "latest", False) is None  # nothing to continue yet: a new run starts
     assert check_run_dir(run, "elsewhere/step-000010", False) == "elsewhere/step-000010"
     (run / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(RunExistsError, match="already holds a run.*--resume.*--overwrite.*run.replaced-"):
+    with pytest.raises(RunExistsError, match=r"already holds a run.*--resume.*--overwrite.*run\.replaced-"):
         check_run_dir(run, None, False)
     assert check_run_dir(run, "latest", False) == "latest"
     assert check_run_dir(run, None, True) is None
@@ -420,3 +420,16 @@ def test_progress_and_evaluation_lines_fit_80_columns():
         "time/train",
         "train/perception_token_fraction/colour",
     ]
+
+
+def test_evaluation_asks_for_no_more_prompts_than_the_split_has(tmp_path):
+    from shared.synth_data import SynthSettings, write_dataset
+    from trainer.config import DataConfig
+    from trainer.data import DataError, evaluation_examples
+
+    folder = write_dataset(tmp_path / "data", SynthSettings(train=8, test=8))
+    data = DataConfig(path=str(folder), tasks=["colour"])
+    assert len(evaluation_examples(data, 2)) == 2  # a quarter of the test split is the colour task
+    refused = r"--prompts is 3, but the test split .* has 2 rows of tasks \['colour'\]"
+    with pytest.raises(DataError, match=refused):
+        evaluation_examples(data, 3, asked_by="--prompts")

@@ -176,10 +176,17 @@ def training_prompts(data: DataConfig, seed: int, views_by: str | None = None) -
     return PromptStream(split, Path(data.path), data.instruction, seed, data.shuffle, views_by)
 
 
-def evaluation_examples(data: DataConfig, count: int, views_by: str | None = None) -> list[Example]:
-    """The first ``count`` test prompts: the same ones at every evaluation."""
+def evaluation_examples(
+    data: DataConfig, count: int, views_by: str | None = None, asked_by: str = "eval.prompts"
+) -> list[Example]:
+    """The first ``count`` test prompts: the same ones at every evaluation. A split with fewer is refused,
+    naming the setting that asked (``asked_by``), rather than quietly evaluated on fewer."""
     split = load_split(data.path, data.test_split, data.tasks, views_by)
+    if count > len(split):
+        tasks = f" of tasks {data.tasks}" if data.tasks else ""
+        raise DataError(
+            f"{asked_by} is {count}, but the {data.test_split} split of {data.path} has {len(split)} rows"
+            f"{tasks}; ask for at most {len(split)}"
+        )
     root = Path(data.path)
-    return [
-        make_example(split[i], i, root, data.instruction, views_by) for i in range(min(count, len(split)))
-    ]
+    return [make_example(split[i], i, root, data.instruction, views_by) for i in range(count)]

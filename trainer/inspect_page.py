@@ -97,7 +97,7 @@ def write_inspection(
     from trainer.policy import response_logprobs
 
     processor = load_processor(model)
-    examples = evaluation_examples(config.data, count, config.rollout.views_by)
+    examples = evaluation_examples(config.data, count, config.rollout.views_by, asked_by="--prompts")
     with ExitStack() as stack, tempfile.TemporaryDirectory() as logs:
         if rollout_url is None:
             args = ["--model", model, "--backend", "transformers", "--host", "127.0.0.1"]

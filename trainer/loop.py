@@ -69,7 +69,8 @@ def train(
     passes = ALGORITHMS[config.objective.algorithm].passes
     stream = training_prompts(config.data, config.seed, config.rollout.views_by)
     groups = stream.groups()
-    tests = evaluation_examples(config.data, config.eval.prompts, config.rollout.views_by)
+    evaluated = config.eval.prompts if config.eval.every else 0
+    tests = evaluation_examples(config.data, evaluated, config.rollout.views_by)
     replicas, rewards = connect(config, health_check)
     policy = Policy(config, micro_batches_per_mini_batch(config), suppressed_token_ids(processor.tokenizer))
     state = TrainerState(step=0, policy_version=0, data=stream.state())
