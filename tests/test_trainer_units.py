@@ -433,3 +433,28 @@ def test_evaluation_asks_for_no_more_prompts_than_the_split_has(tmp_path):
     refused = r"--prompts is 3, but the test split .* has 2 rows of tasks \['colour'\]"
     with pytest.raises(DataError, match=refused):
         evaluation_examples(data, 3, asked_by="--prompts")
+
+
+def test_chance_accuracy_guesses_among_each_groups_answers():
+    from trainer.evaluate import chance_accuracy
+
+    def example(answer: str, group: str | None) -> Example:
+        return Example(id=answer, messages=(), images=(), answer=answer, group=group)
+
+    # Colour: 3 distinct answers over 4 examples (1/3 each); shape: 2 (1/2 each).
+    examples = [example(a, "colour") for a in ("red", "blue", "green", "red")]
+    examples += [example(a, "shape") for a in ("circle", "square")]
+    assert chance_accuracy(examples) == pytest.approx((4 / 3 + 2 / 2) / 6)
+    assert chance_accuracy([example(a, None) for a in ("1", "2", "2", "3")]) == pytest.approx(1 / 3)
+    assert math.isnan(chance_accuracy([]))
+
+
+def test_the_learning_curves_plot_draws_every_panel(tmp_path):
+    from trainer.logs import plot_curves
+
+    losses = {"cpl_loss": 0.69, "kl_loss": None, "grad_norm": 1.0, "lr": 1e-3}
+    metrics = [{"step": step, "reward_mean": 0.1 * step, **losses} for step in range(1, 4)]
+    metrics[0] |= {"eval_accuracy_greedy": 0.2, "eval_accuracy_greedy_removed": 0.2}
+    metrics[0] |= {"eval_chance_accuracy": 1 / 6}
+    out = plot_curves(metrics, tmp_path / "curves.png", "demo: CPPO, seed 0")
+    assert out.stat().st_size > 10_000

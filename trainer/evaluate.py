@@ -12,6 +12,7 @@ With ``rollout.views_by`` set, the greedy accuracies are also logged per group (
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from statistics import fmean
@@ -54,6 +55,18 @@ def accuracies(
     return {key: fmean(values) for key, values in correct.items()}
 
 
+def chance_accuracy(examples: list[Example]) -> float:
+    """What guessing earns: each example's chance of being answered right by a uniform guess among the
+    distinct answers of its group (of all the examples, without groups), averaged. The level the greedy
+    accuracy on I⁻ should fall to when the image's information is really gone."""
+    answers: dict[str | None, set[str]] = {}
+    for example in examples:
+        answers.setdefault(example.group, set()).add(example.answer)
+    if not examples:
+        return math.nan
+    return sum(1 / len(answers[example.group]) for example in examples) / len(examples)
+
+
 def evaluate(
     config: TrainConfig, replicas: RolloutReplicas, rewards: RewardClient, examples: list[Example], seed: int
 ) -> dict[str, float]:
@@ -89,6 +102,7 @@ def evaluate(
         "eval_accuracy_sampled": accuracies(config, rewards, examples, sampled, "clean")[None],
         "eval_accuracy_greedy_removed": blind[None],
         "eval_perception_gap": clean[None] - blind[None],
+        "eval_chance_accuracy": chance_accuracy(examples),
     }
     for group in sorted(group for group in clean if group is not None):
         metrics[f"eval_accuracy_greedy/{group}"] = clean[group]

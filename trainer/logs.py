@@ -33,9 +33,15 @@ PLAIN_EVERY_S = 30.0
 CURVES = (
     ("reward_mean", "accuracy_mean"),
     ("eval_accuracy_greedy", "eval_accuracy_greedy_removed", "eval_accuracy_sampled", "eval_perception_gap"),
-    ("pg_loss", "cpl_loss", "kl_loss"),
+    # Not pg_loss: with group-normalised advantages its mean is about 0 at every step.
+    ("cpl_loss", "kl_loss"),
     ("entropy_mean", "perception_token_fraction", "clip_fraction"),
+    ("grad_norm", "lr"),
 )
+SECOND_AXIS = {"lr"}
+"""Drawn against a right-hand axis of their own: a learning rate is orders of magnitude below a norm."""
+CHANCE = "eval_chance_accuracy"
+"""Drawn as a dashed line on the panels that show accuracies."""
 
 
 class RunLog:
@@ -214,21 +220,34 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(metrics: list[dict], out: Path) -> Path:
-    """The learning curves, one panel per group of related metrics."""
+def plot_curves(metrics: list[dict], out: Path, title: str) -> Path:
+    """The learning curves under ``title`` (the run, its algorithm and seed), one panel per group of
+    related metrics, with chance level on the accuracy panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    chance = next((m[CHANCE] for m in metrics if m.get(CHANCE) is not None), None)
     figure, axes = plt.subplots(len(CURVES), 1, figsize=(8, 2.6 * len(CURVES)), sharex=True)
+    figure.suptitle(title)
     for axis, names in zip(axes, CURVES, strict=True):
-        for name in names:
+        right = axis.twinx() if SECOND_AXIS & set(names) else None
+        for colour, name in enumerate(names):
             points = [(m["step"], m[name]) for m in metrics if m.get(name) is not None]
             if points:
                 steps, values = zip(*points, strict=True)
-                axis.plot(steps, values, marker="o" if name.startswith("eval_") else None, label=name)
-        axis.legend(loc="best", fontsize="small")
+                drawn_on = right if name in SECOND_AXIS and right is not None else axis
+                marker = "o" if name.startswith("eval_") else None
+                drawn_on.plot(steps, values, marker=marker, label=name, color=f"C{colour}")
+        if chance is not None and any("accuracy" in name for name in names):
+            axis.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+        handles, labels = axis.get_legend_handles_labels()
+        if right is not None:
+            more_handles, more_labels = right.get_legend_handles_labels()
+            handles, labels = handles + more_handles, labels + more_labels
+        if handles:
+            axis.legend(handles, labels, loc="best", fontsize="small")
         axis.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     figure.tight_layout()

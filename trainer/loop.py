@@ -351,7 +351,8 @@ def finish(config: TrainConfig, console: Console) -> None:
     metrics = read_metrics(config.run_dir / "metrics.jsonl")
     if not metrics:
         return
-    plot = plot_curves(metrics, config.run_dir / "learning_curves.png")
+    title = f"{config.run_dir.name}: {config.objective.algorithm.upper()}, seed {config.seed}"
+    plot = plot_curves(metrics, config.run_dir / "learning_curves.png", title)
     console.print(summary_table(metrics))
     console.print(f"metrics: {config.run_dir / 'metrics.jsonl'}")
     console.print(f"plot:    {plot}")
