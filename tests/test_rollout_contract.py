@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -292,6 +294,28 @@ def test_max_tokens_and_stop_strings(server):
     )
     assert stopped.finish_reason == "stop"
     assert stop not in stopped.text and text.startswith(stopped.text)
+
+
+def test_the_readmes_openai_example_runs_as_written(server, examples, tmp_path):
+    pytest.importorskip("openai")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    after = readme.index("The OpenAI client works unchanged")
+    code = readme[readme.index("```python\n", after) + len("```python\n") : readme.index("```\n", after + 40)]
+    with server.client() as client:
+        served = client.get("/v1/models").json()["data"][0]["id"]
+    # Only where the server is and what it serves differ from the README's own setup.
+    code = code.replace("http://localhost:8000/v1", server.url + "/v1").replace(
+        '"artifacts/tiny-qwen2.5-vl"', repr(served)
+    )
+    image = tmp_path / "artifacts/synth/images/test/test-000000.png"
+    image.parent.mkdir(parents=True)
+    examples[0].image.save(image)
+    command = [sys.executable, "-c", code]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[0:4:2]] == ["0", "1"]  # each choice, then its first tokens
+    assert lines[-1].startswith("CompletionUsage(")
 
 
 def test_openai_client_works_unchanged(server, examples):
