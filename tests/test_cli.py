@@ -113,3 +113,12 @@ def test_help_config_lists_every_key_whole_at_80_columns_when_piped():
     keys = [key for key, *_ in describe_fields()]
     assert [entry.split(":")[0] for entry in entries] == keys
     assert "train.lr: float = 1e-06" in entries
+
+
+def test_a_trainer_command_error_is_its_only_line(tmp_path):
+    # Not preceded by DeepSpeed's warning that it fell back to the CPU: the trainer names the accelerator.
+    result = run("export", str(tmp_path / "no-checkpoint"), str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"cppo export: error: {tmp_path / 'no-checkpoint'} is not a checkpoint (no policy/config.json)"
+    ]

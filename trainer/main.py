@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -64,7 +65,16 @@ def _config(args: argparse.Namespace) -> TrainConfig | None:
     return config
 
 
+def _name_the_accelerator() -> None:
+    """Tell DeepSpeed what it runs on before it is imported: left to guess on a CPU-only machine, it
+    says so in a warning on every command."""
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run_train(args: argparse.Namespace) -> None:
+    _name_the_accelerator()
     if (config := _config(args)) is not None:
         from trainer.loop import train
 
@@ -72,6 +82,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_stack_up(args: argparse.Namespace) -> None:
+    _name_the_accelerator()
     if (config := _config(args)) is not None:
         from trainer.stack import stack_up
 
@@ -79,6 +90,7 @@ def run_stack_up(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    _name_the_accelerator()
     from trainer.checkpoint import export
 
     out = export(args.checkpoint, args.out)
@@ -86,6 +98,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
+    _name_the_accelerator()
     from trainer.checkpoint import resolve
     from trainer.config import load_config
     from trainer.inspect_page import write_inspection
