@@ -92,7 +92,30 @@ IMAGE_VARIANTS: tuple[str, ...] = get_args(ImageVariant)
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+
+VISION_PLACEHOLDER_TOKENS: tuple[str, ...] = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+"""The Qwen-VL markers of where an image's (or a video's) tokens go. The server writes them for each image
+part; written in a message's text, they claim images that are not there (the processor raises on them).
+Sampled in a response, the next teacher-forced pass over it would fail the same way, so the rollout
+backends never sample them either (``shared.vlm.suppressed_token_ids``)."""
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _no_vision_placeholders(text: str) -> str:
+    for token in VISION_PLACEHOLDER_TOKENS:
+        if token in text:
+            raise ValueError(f"the text holds {token}, a vision placeholder; send images as image_url parts")
+    return text
+
+
+MessageText = Annotated[Text, AfterValidator(_no_vision_placeholders)]
+"""A message's text: any text but the vision placeholders, which only the server writes."""
 
 
 def _temperature(value: float) -> float:
@@ -136,7 +159,7 @@ class TextPart(_Compatible):
     """A text part of a message's content."""
 
     type: Literal["text"] = Field(description="Always 'text'.")
-    text: Text = Field(description="The text.")
+    text: MessageText = Field(description="The text.")
 
 
 class ImageURL(_Compatible):
@@ -170,7 +193,7 @@ def _content_kind(content: Any) -> str:
 # Tagged, so that an error is reported once, under 'content.parts.<i>' or 'content.text', rather than
 # once for each way the content could have been read.
 MessageContent = Annotated[
-    Annotated[Text, Tag("text")]
+    Annotated[MessageText, Tag("text")]
     | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS), Tag("parts")],
     Discriminator(_content_kind),
 ]

@@ -22,17 +22,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from shared.schemas import ChatMessage, ImagePart
-
-# Sampling one of these would put a vision placeholder in a response, and the next teacher-forced pass
-# over it fails ("image features and image tokens do not match").
-VISION_PLACEHOLDER_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+from shared.schemas import VISION_PLACEHOLDER_TOKENS, ChatMessage, ImagePart
 
 
 def suppressed_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

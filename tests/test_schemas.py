@@ -16,6 +16,7 @@ from shared.schemas import (
     MAX_TOKENS,
     MIN_TEMPERATURE,
     MIN_TOP_P,
+    VISION_PLACEHOLDER_TOKENS,
     ChatCompletionRequest,
     ChatMessage,
     ErrorResponse,
@@ -113,6 +114,17 @@ def test_content_errors_are_reported_once() -> None:
     too_long = {"role": "user", "content": [{"type": "text", "text": "x"}] * 257}
     assert only_error(ChatMessage, too_long)[:2] == ("content.parts", "too_long")
     assert only_error(ChatMessage, {"role": "user", "content": 7})[:2] == ("content.parts", "list_type")
+
+
+@pytest.mark.parametrize("token", VISION_PLACEHOLDER_TOKENS)
+def test_message_text_may_not_hold_a_vision_placeholder(token: str) -> None:
+    # Only the server writes them, for each image part; in a prompt's text the processor raised on them
+    # (a 500 from both generation routes, found by tests/test_fuzz.py).
+    field, kind, message = only_error(ChatMessage, {"role": "user", "content": f"what is {token}?"})
+    assert (field, kind) == ("content.text", "value_error") and token in message
+    in_a_part = only_error(ChatMessage, user_message(f"what is {token}?"))
+    assert in_a_part[:2] == ("content.parts.1.text.text", "value_error")
+    assert ChatMessage(role="user", content="image_pad <|image|> <|im_end|>").content  # look-alikes pass
 
 
 def test_prompt_image_urls_and_image_limit() -> None:
