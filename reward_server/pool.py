@@ -113,6 +113,7 @@ class _Job:
     future: asyncio.Future[Outcome]
     request: _Request
     moved_aside: bool = False
+    holds_slow_slot: bool = False
 
 
 class _Lanes:
@@ -156,12 +157,15 @@ class _Lanes:
                 await self._changed.wait()
             if job.moved_aside:
                 self.slow_running += 1
+                job.holds_slow_slot = True
             return job
 
     async def done(self, job: _Job, seconds: float) -> None:
-        """A worker is finished with ``job`` (scored or moved aside) after ``seconds`` of its time."""
+        """A worker is finished with ``job`` (scored, moved aside, or failed) after ``seconds`` of its
+        time; said once or twice, it frees a slow slot once."""
         job.request.seconds += seconds
-        if job.moved_aside:
+        if job.holds_slow_slot:
+            job.holds_slow_slot = False
             async with self._changed:
                 self.slow_running -= 1
                 self._changed.notify_all()
@@ -305,6 +309,7 @@ class WorkerPool:
                 worker = await self._handle(worker, job)
             except Exception:  # a bug here must not shrink the pool: fail the item, start afresh
                 log.exception("scoring an item failed unexpectedly")
+                await self._lanes.done(job, 0.0)
                 if not job.future.done():
                     job.future.set_result(Outcome("error", detail="the server failed to score this item"))
                 if worker is not None:
