@@ -9,6 +9,7 @@ its worker scores 0, with its status and a detail.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 
 from reward_server.pool import Outcome, PoolBusy, WorkerPool
@@ -119,18 +120,30 @@ def _result(item_id: str, weights: Mapping[str, float], outcome: Outcome) -> Sco
 
 
 _END_TOKENS = ("</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+_ASSISTANT_HEADERS = (
+    "<|im_start|>assistant\n",  # Qwen2.5-VL and the other ChatML templates
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",  # Llama 3
+    "<start_of_turn>model\n",  # Gemma
+)
+_IMAGE_PADS = re.compile(r"(?:<\|image_pad\|>)+")
 
 
 def openrlhf_response(query: str, prompt: str) -> str:
     """The response in an OpenRLHF query, which is the prompt followed by the response: the text after
-    the prompt (OpenRLHF's own examples do ``query[len(prompt):]``); the whole query when the prompt is
-    empty or not found in it. End-of-sequence tokens that OpenRLHF's decoding leaves at the end
-    (``<|im_end|>``, ``<|endoftext|>``, ``</s>``…) are removed."""
-    if prompt:
-        if query.startswith(prompt):
-            query = query[len(prompt) :]
-        elif (at := query.find(prompt)) >= 0:  # e.g. a BOS token decoded before the prompt
-            query = query[at + len(prompt) :]
+    the prompt (OpenRLHF's own examples do ``query[len(prompt):]``). Qwen-VL's image placeholder counts
+    once however many ``<|image_pad|>`` tokens the query's decoding expanded it into. Without the
+    prompt in the query, the text after its last assistant header; failing that, the whole query.
+    End-of-sequence tokens that OpenRLHF's decoding leaves at the end (``<|im_end|>``,
+    ``<|endoftext|>``, ``</s>``…) are removed."""
+    query, prompt = _IMAGE_PADS.sub("<|image_pad|>", query), _IMAGE_PADS.sub("<|image_pad|>", prompt)
+    if prompt and query.startswith(prompt):
+        query = query[len(prompt) :]
+    elif prompt and (at := query.find(prompt)) >= 0:  # e.g. a BOS token decoded before the prompt
+        query = query[at + len(prompt) :]
+    else:
+        header = max(_ASSISTANT_HEADERS, key=query.rfind)
+        if (at := query.rfind(header)) >= 0:
+            query = query[at + len(header) :]
     for _ in range(8):
         stripped = query.rstrip()
         for token in _END_TOKENS:

@@ -551,11 +551,16 @@ class OpenRLHFRewardRequest(_Compatible):
     prompts: list[Text] = Field(
         default_factory=list, max_length=MAX_SCORE_ITEMS, description="The prompts, one per query, or none."
     )
-    labels: list[Text] = Field(
+    labels: list[Text | int | FiniteFloat] = Field(
         default_factory=list,
         max_length=MAX_SCORE_ITEMS,
-        description="The ground-truth answers, one per query, or none.",
+        description="The ground-truth answers, one per query, or none; numbers are read as their text.",
     )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_as_text(cls, values: list[str | int | float]) -> list[str]:
+        return [value if isinstance(value, str) else str(value) for value in values]
 
     @field_validator("prompts", "labels")
     @classmethod

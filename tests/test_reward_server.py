@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from servers import metric, running_server
 
 from reward_server.config import RewardSettings
@@ -31,6 +32,7 @@ from reward_server.registry import Task
 from reward_server.service import openrlhf_response
 from shared.launch import Service, free_port
 from shared.schemas import MAX_SCORE_ITEMS, MAX_TEXT_CHARS, OpenRLHFRewardResponse, ScoreResponse
+from shared.vlm import load_processor
 
 ITEM_TIMEOUT_S = 2
 WORKERS = 2
@@ -586,6 +588,24 @@ def test_openrlhf_protocol_as_openrlhf_sends_it(client):
     assert set(reply.json()) == {"rewards", "scores", "extra_logs"}
 
 
+def test_openrlhf_vision_queries_are_split_after_the_expanded_image(client, tiny):
+    # As OpenRLHF makes them: the prompt is the chat template applied to a message with an image (one
+    # <|image_pad|>); the query is the decoded token ids, where the processor expanded it into many.
+    processor = load_processor(tiny)
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "1/2 + 1/4?"}]}]
+    prompt = processor.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    ids = processor(text=[prompt], images=[Image.new("RGB", (56, 56), "red")])["input_ids"][0]
+    expanded = processor.tokenizer.decode(ids)
+    assert expanded.count("<|image_pad|>") > 1 and prompt.count("<|image_pad|>") == 1
+    query = expanded + r"<think>1/2 + 1/4 = 3/4</think> \boxed{\frac{3}{4}}<|im_end|>"
+    with_prompts = openrlhf_post(client, [query], [prompt], ["\\frac{3}{4}"]).json()
+    assert with_prompts["extra_logs"] == {"math": [1.0], "format": [1.0]}  # the response starts at <think>
+    # Without prompts, the response follows the last assistant header; a label may be a number.
+    reply = client.post("/get_reward", json={"query": [query], "labels": [0.75]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["rewards"] == pytest.approx([1.0])
+
+
 def test_openrlhf_empty_lists_keep_the_log_keys(client):
     # OpenRLHF splits a batch across servers, so a server may get nothing; extra_logs keys must match.
     reply = openrlhf_post(client, [], [], [])
@@ -621,6 +641,12 @@ def test_openrlhf_hostile_answers_score_zero(client):
         ("PROMPT answer<|im_end|><|endoftext|>\n", "PROMPT", " answer"),
         ("no prompt in here", "PROMPT", "no prompt in here"),
         ("whole query", "", "whole query"),
+        ("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nanswer<|im_end|>", "", "answer"),
+        (
+            "<|im_start|>user\n<|image_pad|><|image_pad|>q<|im_start|>assistant\nA",
+            "<|image_pad|>q",
+            "<|im_start|>assistant\nA",
+        ),
         ("PROMPT", "PROMPT", ""),
     ],
 )
