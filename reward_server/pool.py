@@ -11,8 +11,9 @@ need fits in this module: each worker process is driven by one asyncio task over
   where it runs again with up to ``item_timeout_s``; past that it gets ``status: timeout``;
 * the slow lane may hold at most half the workers (one at least), so ordinary items keep the others and
   never wait behind slow ones for more than ``fast_lane_s``;
-* the fast lane serves first the request that has used the least worker time so far, so a request full
-  of slow items waits behind the ordinary ones, not the other way round;
+* the fast lane serves requests in order of arrival, each pushed back by the worker time it has used
+  so far: a request full of slow items falls behind the ordinary ones that came after it (rather than
+  the other way round), and still none waits for ever;
 * an item whose request is cancelled (its client went away) stops at once, running or not;
 * an item whose worker dies (a segfault, ``os._exit``, the kernel's OOM killer) gets ``status: error``
   saying so, and the worker is replaced;
@@ -33,7 +34,6 @@ worker wrote.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import math
@@ -102,9 +102,16 @@ class _Worker:
 class _Request:
     """One ``score`` call's items still waiting for the fast lane, and the worker time it has used."""
 
-    arrival: int
+    arrival: float
+    """When it came, on the event loop's clock."""
     waiting: deque[_Job] = field(default_factory=deque)
     seconds: float = 0.0
+
+    def turn(self) -> float:
+        """Its place in the fast lane: its arrival, pushed back by the worker time it has used. Served
+        by least time used alone, a request would starve behind every newcomer; by arrival alone, ordinary
+        requests would queue behind a hostile one's every item."""
+        return self.arrival + self.seconds
 
 
 @dataclass(eq=False)
@@ -120,8 +127,8 @@ class _Lanes:
     """Which item a free worker takes next.
 
     The slow lane (items moved aside) comes first while fewer than ``slow_capacity`` workers run slow
-    items, so that it always moves; otherwise the fast lane, from the request that has used the least
-    worker time (the earliest, on a tie). A slow item never takes a worker past the capacity, even an
+    items, so that it always moves; otherwise the fast lane, from the request whose turn
+    (:meth:`_Request.turn`) comes first. A slow item never takes a worker past the capacity, even an
     idle one: that worker is kept for the next ordinary item.
     """
 
@@ -131,13 +138,12 @@ class _Lanes:
         self._slow: deque[_Job] = deque()
         self._requests: list[_Request] = []
         self._changed = asyncio.Condition()
-        self._arrivals = itertools.count()
 
     def __len__(self) -> int:
         return len(self._slow) + sum(len(request.waiting) for request in self._requests)
 
     async def add(self, tasks: Sequence[Task], futures: Sequence[asyncio.Future[Outcome]]) -> None:
-        request = _Request(next(self._arrivals))
+        request = _Request(asyncio.get_running_loop().time())
         jobs = zip(tasks, futures, strict=True)
         request.waiting.extend(_Job(task, future, request) for task, future in jobs)
         async with self._changed:
@@ -198,8 +204,7 @@ class _Lanes:
         self._requests = [request for request in self._requests if request.waiting]
         if not self._requests:
             return None
-        thriftiest = min(self._requests, key=lambda request: (request.seconds, request.arrival))
-        return thriftiest.waiting.popleft()
+        return min(self._requests, key=_Request.turn).waiting.popleft()
 
 
 class WorkerPool:

@@ -27,7 +27,7 @@ from servers import metric, running_server
 from reward_server.config import RewardSettings
 from reward_server.main import serve
 from reward_server.metrics import RewardMetrics
-from reward_server.pool import Outcome, WorkerPool
+from reward_server.pool import Outcome, WorkerPool, _Lanes
 from reward_server.registry import Task
 from reward_server.service import openrlhf_response
 from shared.launch import Service, free_port
@@ -471,9 +471,9 @@ def test_slow_items_are_moved_aside_and_ordinary_ones_go_on(plugin, tmp_path):
     asyncio.run(scenario())
 
 
-def test_the_request_that_used_least_worker_time_goes_first(plugin, tmp_path):
-    # One worker. 'greedy' has used the worker for as long as its first item waited for the gate;
-    # 'thrifty', queued meanwhile, has used none, so both its items run before greedy's other two.
+def test_a_request_is_pushed_back_by_the_worker_time_it_used(plugin, tmp_path):
+    # One worker. 'greedy' has used the worker for as long as its first item waited for the gate, longer
+    # than 'thrifty' (queued meanwhile) came after it: both of thrifty's items run before greedy's others.
     async def scenario() -> list[str]:
         pool = WorkerPool(1, [str(plugin)], item_timeout_s=120, fast_lane_s=60)
         await pool.start()
@@ -494,6 +494,23 @@ def test_the_request_that_used_least_worker_time_goes_first(plugin, tmp_path):
             await pool.close()
 
     assert asyncio.run(scenario()) == ["g1", "t1", "t2", "g2", "g3"]
+
+
+def test_a_request_that_used_worker_time_waits_its_turn_but_never_starves():
+    # The scheduler alone: its turn is its arrival plus the worker time it has used.
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        lanes = _Lanes(slow_capacity=1)
+        await lanes.add([math_item("1")] * 3, [loop.create_future() for _ in range(3)])
+        await lanes.add([math_item("2")], [loop.create_future()])
+        old, new = lanes._requests
+        old.arrival, old.seconds = new.arrival - 10, 1.0  # came 10 s earlier, has used 1 s: still first
+        assert (await lanes.take()).request is old
+        old.seconds = 20.0  # has used 20 s (slow items): the newcomer goes first
+        assert (await lanes.take()).request is new
+        assert (await lanes.take()).request is old  # and then it is old's turn again, nobody else waiting
+
+    asyncio.run(scenario())
 
 
 def test_a_cancelled_request_stops_its_running_items_too(plugin, tmp_path):
