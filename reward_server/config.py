@@ -88,8 +88,9 @@ class RewardSettings(BaseSettings):
         0.5,
         gt=0,
         le=3600,
-        description="longest one item may hold a worker of the fast lane; past it, the item is moved to the "
-        "slow lane (at most half the workers) and scored again there",
+        description="longest one item may hold a worker of the fast lane; past it, an item of the built-in "
+        "reward functions times out, and any other is moved to the slow lane (at most half the workers) and "
+        "scored again there",
     )
     item_timeout_s: float = Field(
         10.0,

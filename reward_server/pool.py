@@ -7,8 +7,10 @@ need fits in this module: each worker process is driven by one asyncio task over
 
 * a worker scores one item at a time;
 * an item that runs past ``fast_lane_s`` has its worker killed with SIGKILL (which works whatever it is
-  stuck in: a C loop in sympy, a huge integer power) and replaced, and is moved aside to the slow lane,
-  where it runs again with up to ``item_timeout_s``; past that it gets ``status: timeout``;
+  stuck in: a C loop in sympy, a huge integer power) and replaced. A fast item (the built-in reward
+  functions', which answer in milliseconds unless the answer is hostile) then gets ``status: timeout``;
+  any other is moved aside to the slow lane, where it runs again with up to ``item_timeout_s``, past
+  which it gets ``status: timeout``;
 * the slow lane may hold at most half the workers (one at least), so ordinary items keep the others and
   never wait behind slow ones for more than ``fast_lane_s``;
 * the fast lane serves requests in order of arrival, each pushed back by the worker time it has used
@@ -346,7 +348,7 @@ class WorkerPool:
             worker = None
         seconds = loop.time() - start
         await self._lanes.done(job, seconds)
-        move_aside = ending == "timeout" and limit_s < self.item_timeout_s
+        move_aside = ending == "timeout" and limit_s < self.item_timeout_s and not job.task.fast
         # A stopped worker is counted before the item's result is out, so that whoever reads the result
         # and then the metrics sees both.
         retired = None
@@ -387,10 +389,8 @@ class WorkerPool:
         if not readable.done():
             if job.future.done():
                 return Outcome("error", detail="the request was cancelled"), "cancelled"
-            detail = (
-                f"scoring took longer than the {self.item_timeout_s:g} s item timeout; "
-                "its worker process was stopped and replaced"
-            )
+            limit = "item timeout" if limit_s >= self.item_timeout_s else "fast lane's limit"
+            detail = f"scoring took longer than the {limit_s:g} s {limit}; its worker process was replaced"
             return Outcome("timeout", detail=detail), "timeout"
         try:
             reply = json.loads(worker.conn.recv_bytes())

@@ -50,6 +50,10 @@ class RewardFunctionInfo(BaseModel):
         "meta.<name>, e.g. {'iou': {'mode': 'continuous'}}."
     )
     takes_meta: bool = Field(description="Whether it also receives the item's whole 'meta' object.")
+    fast: bool = Field(
+        description="Whether its items must be scored within the server's fast lane (--fast-lane-s) or "
+        "time out; otherwise an item past it gets a second try in the slow lane, up to --item-timeout-s."
+    )
     source: str = Field(description="'builtin', or the plugin module that registered it.")
 
 
@@ -73,6 +77,7 @@ class RewardFunction:
     takes_meta: bool
     params: type[BaseModel]
     source: str
+    fast: bool = False
 
     def info(self) -> RewardFunctionInfo:
         doc = inspect.getdoc(self.fn) or ""
@@ -88,6 +93,7 @@ class RewardFunction:
             needs_ground_truth=self.needs_ground_truth,
             parameters=properties,
             takes_meta=self.takes_meta,
+            fast=self.fast,
             source=self.source,
         )
 
@@ -97,6 +103,7 @@ def describe_function(
     name: str,
     needs_ground_truth: bool,
     check_ground_truth: Callable[[str], object] | None,
+    fast: bool = False,
 ) -> RewardFunction:
     """Read a reward function's parameters from its signature; refuse a signature the server cannot call."""
     if not NAME_PATTERN.fullmatch(name):
@@ -132,6 +139,7 @@ def describe_function(
         takes_meta=takes_meta,
         params=params,
         source=fn.__module__,
+        fast=fast,
     )
 
 
@@ -144,6 +152,7 @@ def reward_function(
     *,
     needs_ground_truth: bool = True,
     check_ground_truth: Callable[[str], object] | None = None,
+    fast: bool = False,
 ) -> Callable[[F], F]:
     """Mark ``fn(response, ground_truth, **params) -> float`` as a reward function called ``name``
     (default: the function's own name). The function itself is returned unchanged; :func:`defined_in`
@@ -151,14 +160,16 @@ def reward_function(
 
     * ``needs_ground_truth``: items scored with it must carry a non-empty ground truth (else 422);
     * ``check_ground_truth``: a cheap check, run in the server before any work is queued, that raises
-      ``ValueError`` for a ground truth the function cannot use (the 422 names ``ground_truth``).
+      ``ValueError`` for a ground truth the function cannot use (the 422 names ``ground_truth``);
+    * ``fast``: its items are scored within the fast lane's time or time out, with no second try in the
+      slow lane (the built-in functions, which answer in milliseconds, unless the answer is hostile).
 
     Parameters after ``ground_truth`` must have defaults; callers set them per item in
     ``meta[name]``. A parameter named ``meta`` receives the item's whole ``meta`` object instead.
     """
 
     def mark(fn: F) -> F:
-        function = describe_function(fn, name or fn.__name__, needs_ground_truth, check_ground_truth)
+        function = describe_function(fn, name or fn.__name__, needs_ground_truth, check_ground_truth, fast)
         # Keyed so that a module run again (a plugin retried after failing) replaces its functions
         # instead of listing them twice.
         _defined.setdefault(fn.__module__, {})[(fn.__qualname__, function.name)] = function
@@ -182,6 +193,8 @@ class Task:
     ground_truth: str
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     meta: dict[str, Any] | None = None
+    fast: bool = False
+    """Every function of it is fast: scored within the fast lane or not at all."""
 
 
 class ScoringError(Exception):
@@ -261,7 +274,8 @@ class Registry:
                 where = ".".join(str(part) for part in first["loc"])
                 raise ItemProblem(f"meta.{name}.{where}" if where else f"meta.{name}", first["msg"]) from None
         wants_meta = any(self[name].takes_meta for name in weights)
-        task = Task(tuple(weights), response, ground_truth, params, dict(meta) if wants_meta else None)
+        fast = all(self[name].fast for name in weights)
+        task = Task(tuple(weights), response, ground_truth, params, dict(meta) if wants_meta else None, fast)
         return weights, task
 
 

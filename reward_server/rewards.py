@@ -248,7 +248,7 @@ def _latex_only(mv: Any) -> tuple[Any, ...]:
     return _latex_config
 
 
-@reward_function("math")
+@reward_function("math", fast=True)
 def math_reward(
     response: str,
     ground_truth: str,
@@ -317,7 +317,7 @@ def warm_up() -> None:
 # --- format --------------------------------------------------------------------------------------
 
 
-@reward_function("format", needs_ground_truth=False)
+@reward_function("format", needs_ground_truth=False, fast=True)
 def format_reward(
     response: str, ground_truth: str = "", style: Literal["boxed", "answer"] = "boxed"
 ) -> float:
@@ -366,7 +366,7 @@ def _check_choice(ground_truth: str) -> None:
         raise ValueError(f"{ground_truth[:100]!r} is not an option letter such as 'B' or '(B)'")
 
 
-@reward_function("choice", check_ground_truth=_check_choice)
+@reward_function("choice", check_ground_truth=_check_choice, fast=True)
 def choice_reward(response: str, ground_truth: str) -> float:
     r"""1.0 if the response picks the ground truth's option letter (A–Z), else 0.0.
 
@@ -410,7 +410,7 @@ def _check_exact(ground_truth: str) -> None:
         raise ValueError("the ground truth is empty once normalised")
 
 
-@reward_function("exact", check_ground_truth=_check_exact)
+@reward_function("exact", check_ground_truth=_check_exact, fast=True)
 def exact_reward(response: str, ground_truth: str, case_sensitive: bool = False) -> float:
     r"""1.0 if the answer equals the ground truth as normalised text, else 0.0.
 
@@ -490,7 +490,7 @@ def _check_numeric(ground_truth: str) -> None:
         raise ValueError(f"{ground_truth[:100]!r} is not a number")
 
 
-@reward_function("numeric", check_ground_truth=_check_numeric)
+@reward_function("numeric", check_ground_truth=_check_numeric, fast=True)
 def numeric_reward(
     response: str,
     ground_truth: str,
@@ -553,7 +553,7 @@ def _check_iou(ground_truth: str) -> None:
         raise ValueError(f"{ground_truth[:100]!r} is not a box [x1, y1, x2, y2] with x2 > x1 and y2 > y1")
 
 
-@reward_function("iou", check_ground_truth=_check_iou)
+@reward_function("iou", check_ground_truth=_check_iou, fast=True)
 def iou_reward(
     response: str,
     ground_truth: str,

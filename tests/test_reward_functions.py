@@ -418,7 +418,7 @@ def test_plan_makes_the_task():
         {"math": 0.9, "format": 0.1}, "resp", "7", {"math": {"max_depth": 4}, "question": "q"}
     )
     assert weights == {"math": 0.9, "format": 0.1}
-    assert task == Task(("math", "format"), "resp", "7", {"math": {"max_depth": 4}}, None)
+    assert task == Task(("math", "format"), "resp", "7", {"math": {"max_depth": 4}}, None, fast=True)
     # format alone needs no ground truth
     assert registry.plan("format", "resp", "")[1].names == ("format",)
 

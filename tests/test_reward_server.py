@@ -1,7 +1,8 @@
 r"""The reward server over HTTP, started as a user starts it (``cppo reward-server``): both routes,
 bad requests, hostile inputs, timeouts and crashes in the worker pool, plugins, and auth.
 
-The server under test has two workers, the default 0.5 s fast lane and a 2 s item timeout, and loads a
+The server under test has two workers, a 1.5 s fast lane (so that the megabyte inputs below pass on a busy
+machine) and a 2 s item timeout, and loads a
 plugin of test functions (below) that crash their worker, meet at a rendezvous, record the order they
 ran in, raise, or return a non-number. The lanes and cancellation are tested on a pool in-process.
 """
@@ -35,6 +36,7 @@ from shared.schemas import MAX_SCORE_ITEMS, MAX_TEXT_CHARS, OpenRLHFRewardRespon
 from shared.vlm import load_processor
 
 ITEM_TIMEOUT_S = 2
+FAST_LANE_S = 1.5
 WORKERS = 2
 
 TEST_PLUGIN = '''
@@ -113,6 +115,8 @@ def server(plugin, tmp_path_factory):
         str(WORKERS),
         "--item-timeout-s",
         str(ITEM_TIMEOUT_S),
+        "--fast-lane-s",
+        str(FAST_LANE_S),
         "--plugin",
         str(plugin),
         "--plugin",
@@ -175,6 +179,7 @@ def test_rewards_lists_builtins_and_plugins_with_parameters(client):
     assert set(functions) == builtins | plugins
     assert functions["iou"]["parameters"]["mode"]["enum"] == ["threshold", "continuous"]
     assert functions["format"]["parameters"]["style"]["default"] == "boxed"
+    assert {name for name, entry in functions.items() if entry["fast"]} == builtins
     assert functions["length_penalty"]["parameters"] == {
         "max_chars": {"default": 2000, "minimum": 1, "type": "integer"}
     }
@@ -376,12 +381,29 @@ def test_an_item_past_the_timeout_scores_zero_and_its_worker_is_replaced(client,
     assert [(result["status"], result["reward"]) for result in results] == [("timeout", 0.0), ("ok", 1.0)]
     assert f"{ITEM_TIMEOUT_S:g} s item timeout" in results[0]["detail"]
     after = client.get("/metrics").text
-    # It ran past the fast lane's 0.5 s first, was moved aside, then past the item timeout.
+    # A plugin's: it ran past the fast lane first, was moved aside, then past the item timeout.
     for reason, more in (("moved_aside", 1), ("timeout", 1)):
         restarts = f'cppo_reward_worker_restarts_total{{reason="{reason}"}}'
         assert metric(after, restarts) == metric(before, restarts) + more
     moved = "cppo_reward_moved_aside_items_total"
     assert metric(after, moved) == metric(before, moved) + 1
+    wait_for_full_pool(client)
+
+
+def test_a_built_in_item_past_the_fast_lane_times_out_there(client):
+    # Within every limit on length, depth and digits, and yet sympy expands it for minutes.
+    squares = "x"
+    for _ in range(10):
+        squares = f"({squares}+1)^{{2}}"
+    before = client.get("/metrics").text
+    results = score(client, item("squares", f"\\boxed{{{squares}}}", "7"), item("fine", r"\boxed{7}", "7"))
+    assert [(result["status"], result["reward"]) for result in results] == [("timeout", 0.0), ("ok", 1.0)]
+    assert f"{FAST_LANE_S:g} s fast lane's limit" in results[0]["detail"]
+    after = client.get("/metrics").text
+    moved = "cppo_reward_moved_aside_items_total"
+    assert metric(after, moved) == metric(before, moved)  # no second try: built-ins are fast or nothing
+    restarts = 'cppo_reward_worker_restarts_total{reason="timeout"}'
+    assert metric(after, restarts) == metric(before, restarts) + 1
     wait_for_full_pool(client)
 
 
