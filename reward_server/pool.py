@@ -64,6 +64,10 @@ _PRELOAD = ["reward_server.warm", "reward_server.plugins", "reward_server.pool"]
 _INLINE_BYTES = 64 * 1024
 """Payloads above this are written to a worker's pipe from a thread, not the event loop."""
 _DETAIL_CHARS = 2000
+PUSH_BACK = 10.0
+"""Seconds a request's turn moves back per second of worker time it has used. Ordinary items take
+milliseconds, so ordinary requests keep about the order they came in; one whose items each hold a worker
+for the fast lane's half second falls seconds behind, and its client, waiting, sends less."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +112,14 @@ class _Request:
     """When it came, on the event loop's clock."""
     waiting: deque[_Job] = field(default_factory=deque)
     seconds: float = 0.0
+    suspect: bool = False
+    """One of its items ran past the fast lane: its others may be as slow."""
 
     def turn(self) -> float:
-        """Its place in the fast lane: its arrival, pushed back by the worker time it has used. Served
-        by least time used alone, a request would starve behind every newcomer; by arrival alone, ordinary
-        requests would queue behind a hostile one's every item."""
-        return self.arrival + self.seconds
+        """Its place in the fast lane: its arrival, pushed back by :data:`PUSH_BACK` times the worker
+        time it has used. Served by least time used alone, a request would starve behind every newcomer;
+        by arrival alone, ordinary requests would queue behind a hostile one's every item."""
+        return self.arrival + PUSH_BACK * self.seconds
 
 
 @dataclass(eq=False)
@@ -122,7 +128,8 @@ class _Job:
     future: asyncio.Future[Outcome]
     request: _Request
     moved_aside: bool = False
-    holds_slow_slot: bool = False
+    slots: tuple[str, ...] = ()
+    """The capped kinds of work it holds a worker for while it runs ("slow", "wary")."""
 
 
 class _Lanes:
@@ -130,13 +137,15 @@ class _Lanes:
 
     The slow lane (items moved aside) comes first while fewer than ``slow_capacity`` workers run slow
     items, so that it always moves; otherwise the fast lane, from the request whose turn
-    (:meth:`_Request.turn`) comes first. A slow item never takes a worker past the capacity, even an
-    idle one: that worker is kept for the next ordinary item.
+    (:meth:`_Request.turn`) comes first. Items of suspect requests (one of whose items ran past the fast
+    lane) and slow items together hold at most ``wary_capacity`` workers, so that with two workers or
+    more one is always there for an ordinary item. A capped item never takes a worker past its capacity,
+    even an idle one: that worker is kept for the next ordinary item.
     """
 
-    def __init__(self, slow_capacity: int) -> None:
-        self.slow_capacity = slow_capacity
-        self.slow_running = 0
+    def __init__(self, slow_capacity: int, wary_capacity: int) -> None:
+        self.capacity = {"slow": slow_capacity, "wary": wary_capacity}
+        self.running = {"slow": 0, "wary": 0}
         self._slow: deque[_Job] = deque()
         self._requests: list[_Request] = []
         self._changed = asyncio.Condition()
@@ -163,20 +172,29 @@ class _Lanes:
         async with self._changed:
             while (job := self._next()) is None:
                 await self._changed.wait()
-            if job.moved_aside:
-                self.slow_running += 1
-                job.holds_slow_slot = True
+            job.slots = self._slots(job)
+            for slot in job.slots:
+                self.running[slot] += 1
             return job
 
     async def done(self, job: _Job, seconds: float) -> None:
         """A worker is finished with ``job`` (scored, moved aside, or failed) after ``seconds`` of its
-        time; said once or twice, it frees a slow slot once."""
+        time; said once or twice, it frees its slots once."""
         job.request.seconds += seconds
-        if job.holds_slow_slot:
-            job.holds_slow_slot = False
+        if job.slots:
             async with self._changed:
-                self.slow_running -= 1
+                for slot in job.slots:
+                    self.running[slot] -= 1
+                job.slots = ()
                 self._changed.notify_all()
+
+    def _slots(self, job: _Job) -> tuple[str, ...]:
+        if job.moved_aside:
+            return ("slow", "wary")
+        return ("wary",) if job.request.suspect else ()
+
+    def _fits(self, job: _Job) -> bool:
+        return all(self.running[slot] < self.capacity[slot] for slot in self._slots(job))
 
     def prune(self) -> None:
         """Forget the items whose request was cancelled (a free worker would skip them; an idle pool
@@ -198,15 +216,16 @@ class _Lanes:
     def _next(self) -> _Job | None:
         while self._slow and self._slow[0].future.done():
             self._slow.popleft()
-        if self._slow and self.slow_running < self.slow_capacity:
+        if self._slow and self._fits(self._slow[0]):
             return self._slow.popleft()
         for request in self._requests:
             while request.waiting and request.waiting[0].future.done():
                 request.waiting.popleft()
         self._requests = [request for request in self._requests if request.waiting]
-        if not self._requests:
-            return None
-        return min(self._requests, key=_Request.turn).waiting.popleft()
+        for request in sorted(self._requests, key=_Request.turn):
+            if self._fits(request.waiting[0]):
+                return request.waiting.popleft()
+        return None
 
 
 class WorkerPool:
@@ -243,7 +262,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Start every worker; raise :class:`WorkerStartError` (and stop the others) if one fails."""
-        self._lanes = _Lanes(slow_capacity=max(1, self.size // 2))
+        self._lanes = _Lanes(slow_capacity=max(1, self.size // 2), wary_capacity=max(1, self.size - 1))
         started = await asyncio.gather(*(self._spawn() for _ in range(self.size)), return_exceptions=True)
         failures = [result for result in started if isinstance(result, BaseException)]
         if failures:
@@ -348,6 +367,8 @@ class WorkerPool:
             worker = None
         seconds = loop.time() - start
         await self._lanes.done(job, seconds)
+        if ending == "timeout":
+            job.request.suspect = True
         move_aside = ending == "timeout" and limit_s < self.item_timeout_s and not job.task.fast
         # A stopped worker is counted before the item's result is out, so that whoever reads the result
         # and then the metrics sees both.

@@ -470,8 +470,9 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 def test_slow_items_are_moved_aside_and_ordinary_ones_go_on(plugin, tmp_path):
-    # Three items that wait for a gate: each runs past the 0.2 s fast lane and is moved aside, and the
-    # slow lane may hold only one of the two workers. Ordinary items then go through the other one.
+    # Three items that wait for a gate. The first two run past the 0.2 s fast lane on both workers and
+    # are moved aside; the slow lane may hold only one of the two workers, and their request, suspect
+    # now, may not take the other for its third item. Ordinary items go through that one.
     async def scenario() -> None:
         metrics = RewardMetrics()
         pool = WorkerPool(2, [str(plugin)], item_timeout_s=120, fast_lane_s=0.2, metrics=metrics)
@@ -479,14 +480,14 @@ def test_slow_items_are_moved_aside_and_ordinary_ones_go_on(plugin, tmp_path):
         try:
             gate = tmp_path / "gate"
             slow = asyncio.create_task(pool.score([waiting(gate)] * 3))
-            await until(lambda: counted(metrics, "moved_aside") == 3)
+            await until(lambda: counted(metrics, "moved_aside") == 2 and pool.queued == 2)
             ordinary = await pool.score([math_item(str(n)) for n in range(6)])
             assert [outcome.status for outcome in ordinary] == ["ok"] * 6
             assert [outcome.components for outcome in ordinary] == [{"math": 1.0}] * 6
-            assert not slow.done()  # one slow item holds its worker, the other two wait in the slow lane
+            assert not slow.done() and pool.queued == 2  # one slow item runs; one waits per lane
             gate.touch()
             assert [outcome.status for outcome in await slow] == ["ok"] * 3  # scored again, in full
-            assert counted(metrics, "worker_restarts", "moved_aside") == 3
+            assert counted(metrics, "worker_restarts", "moved_aside") == 2
         finally:
             await pool.close()
 
@@ -519,18 +520,36 @@ def test_a_request_is_pushed_back_by_the_worker_time_it_used(plugin, tmp_path):
 
 
 def test_a_request_that_used_worker_time_waits_its_turn_but_never_starves():
-    # The scheduler alone: its turn is its arrival plus the worker time it has used.
+    # The scheduler alone: its turn is its arrival plus PUSH_BACK (10) times the worker time it has used.
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        lanes = _Lanes(slow_capacity=1)
+        lanes = _Lanes(slow_capacity=1, wary_capacity=1)
         await lanes.add([math_item("1")] * 3, [loop.create_future() for _ in range(3)])
         await lanes.add([math_item("2")], [loop.create_future()])
         old, new = lanes._requests
-        old.arrival, old.seconds = new.arrival - 10, 1.0  # came 10 s earlier, has used 1 s: still first
+        old.arrival, old.seconds = new.arrival - 10, 0.5  # came 10 s earlier, has used 0.5 s: still first
         assert (await lanes.take()).request is old
         old.seconds = 20.0  # has used 20 s (slow items): the newcomer goes first
         assert (await lanes.take()).request is new
         assert (await lanes.take()).request is old  # and then it is old's turn again, nobody else waiting
+
+    asyncio.run(scenario())
+
+
+def test_a_suspect_requests_items_leave_a_worker_for_ordinary_ones():
+    # With two workers, items of requests that have already run past the fast lane hold at most one.
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        lanes = _Lanes(slow_capacity=1, wary_capacity=1)
+        await lanes.add([math_item("1")] * 2, [loop.create_future() for _ in range(2)])
+        await lanes.add([math_item("2")], [loop.create_future()])
+        suspect, ordinary = lanes._requests
+        suspect.suspect = True
+        first = await lanes.take()
+        assert first.request is suspect  # it came first
+        assert (await lanes.take()).request is ordinary  # its second item would take the last worker
+        await lanes.done(first, 0.5)
+        assert (await lanes.take()).request is suspect  # and once a worker is free of it, it goes on
 
     asyncio.run(scenario())
 
