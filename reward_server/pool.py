@@ -11,8 +11,9 @@ need fits in this module: each worker process is driven by one asyncio task over
   functions', which answer in milliseconds unless the answer is hostile) then gets ``status: timeout``;
   any other is moved aside to the slow lane, where it runs again with up to ``item_timeout_s``, past
   which it gets ``status: timeout``;
-* the slow lane may hold at most half the workers (one at least), so ordinary items keep the others and
-  never wait behind slow ones for more than ``fast_lane_s``;
+* the slow lane may hold at most half the workers (one at least), and slow items together with those
+  of suspect requests (one of whose items ran past the fast lane) all workers but one, so ordinary items
+  keep a worker and never wait behind slow ones for more than ``fast_lane_s``;
 * the fast lane serves requests in order of arrival, each pushed back by the worker time it has used
   so far: a request full of slow items falls behind the ordinary ones that came after it (rather than
   the other way round), and still none waits for ever;
