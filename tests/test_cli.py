@@ -122,3 +122,16 @@ def test_a_trainer_command_error_is_its_only_line(tmp_path):
     assert result.stderr.splitlines() == [
         f"cppo export: error: {tmp_path / 'no-checkpoint'} is not a checkpoint (no policy/config.json)"
     ]
+
+
+def test_a_failed_service_is_shown_by_its_last_lines_without_the_access_log(tmp_path):
+    from shared.launch import Service
+
+    log = tmp_path / "rollout-server.log"
+    polls = [f'INFO:     127.0.0.1:{5000 + i} - "GET /ready HTTP/1.1" 503 Service Unavailable' for i in range(50)]
+    said = ["ERROR:    the service failed to start: OSError: no such model", "cppo rollout-server: error: …"]
+    lines = ["INFO:     Started server process [1]", *polls, *said]
+    log.write_text("\n".join(lines) + "\n")
+    service = Service("http://127.0.0.1:1", subprocess.Popen(["true"]), log)
+    service.process.wait()
+    assert service.tail().splitlines() == [lines[0], *said]
