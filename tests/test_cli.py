@@ -128,7 +128,8 @@ def test_a_failed_service_is_shown_by_its_last_lines_without_the_access_log(tmp_
     from shared.launch import Service
 
     log = tmp_path / "rollout-server.log"
-    polls = [f'INFO:     127.0.0.1:{5000 + i} - "GET /ready HTTP/1.1" 503 Service Unavailable' for i in range(50)]
+    poll = 'INFO:     127.0.0.1:{} - "GET /ready HTTP/1.1" 503 Service Unavailable'
+    polls = [poll.format(5000 + i) for i in range(50)]
     said = ["ERROR:    the service failed to start: OSError: no such model", "cppo rollout-server: error: …"]
     lines = ["INFO:     Started server process [1]", *polls, *said]
     log.write_text("\n".join(lines) + "\n")
