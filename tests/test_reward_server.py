@@ -17,8 +17,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -469,15 +471,25 @@ async def until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
+@asynccontextmanager
+async def running_pool(*args: Any, **kwargs: Any) -> AsyncIterator[WorkerPool]:
+    """A started ``WorkerPool(*args, **kwargs)``, closed afterwards."""
+    pool = WorkerPool(*args, **kwargs)
+    await pool.start()
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
 def test_slow_items_are_moved_aside_and_ordinary_ones_go_on(plugin, tmp_path):
     # Three items that wait for a gate. The first two run past the 0.2 s fast lane on both workers and
     # are moved aside; the slow lane may hold only one of the two workers, and their request, suspect
     # now, may not take the other for its third item. Ordinary items go through that one.
     async def scenario() -> None:
         metrics = RewardMetrics()
-        pool = WorkerPool(2, [str(plugin)], item_timeout_s=120, fast_lane_s=0.2, metrics=metrics)
-        await pool.start()
-        try:
+        settings = {"item_timeout_s": 120, "fast_lane_s": 0.2, "metrics": metrics}
+        async with running_pool(2, [str(plugin)], **settings) as pool:
             gate = tmp_path / "gate"
             slow = asyncio.create_task(pool.score([waiting(gate)] * 3))
             await until(lambda: counted(metrics, "moved_aside") == 2 and pool.queued == 2)
@@ -488,8 +500,6 @@ def test_slow_items_are_moved_aside_and_ordinary_ones_go_on(plugin, tmp_path):
             gate.touch()
             assert [outcome.status for outcome in await slow] == ["ok"] * 3  # scored again, in full
             assert counted(metrics, "worker_restarts", "moved_aside") == 2
-        finally:
-            await pool.close()
 
     asyncio.run(scenario())
 
@@ -498,9 +508,7 @@ def test_a_request_is_pushed_back_by_the_worker_time_it_used(plugin, tmp_path):
     # One worker. 'greedy' has used the worker for as long as its first item waited for the gate, longer
     # than 'thrifty' (queued meanwhile) came after it: both of thrifty's items run before greedy's others.
     async def scenario() -> list[str]:
-        pool = WorkerPool(1, [str(plugin)], item_timeout_s=120, fast_lane_s=60)
-        await pool.start()
-        try:
+        async with running_pool(1, [str(plugin)], item_timeout_s=120, fast_lane_s=60) as pool:
             log, gate = tmp_path / "order", tmp_path / "gate"
 
             def record(label: str, *wait: Path) -> Task:
@@ -513,8 +521,6 @@ def test_a_request_is_pushed_back_by_the_worker_time_it_used(plugin, tmp_path):
             gate.touch()
             await asyncio.gather(greedy, thrifty)
             return log.read_text().split()
-        finally:
-            await pool.close()
 
     assert asyncio.run(scenario()) == ["g1", "t1", "t2", "g2", "g3"]
 
@@ -557,9 +563,8 @@ def test_a_suspect_requests_items_leave_a_worker_for_ordinary_ones():
 def test_a_cancelled_request_stops_its_running_items_too(plugin, tmp_path):
     async def scenario() -> None:
         metrics = RewardMetrics()
-        pool = WorkerPool(2, [str(plugin)], item_timeout_s=120, fast_lane_s=60, metrics=metrics)
-        await pool.start()
-        try:
+        settings = {"item_timeout_s": 120, "fast_lane_s": 60, "metrics": metrics}
+        async with running_pool(2, [str(plugin)], **settings) as pool:
             never = tmp_path / "never"
             scoring = asyncio.create_task(pool.score([waiting(never)] * 3))
             await until(lambda: pool.queued == 1)  # two running, one waiting
@@ -569,8 +574,6 @@ def test_a_cancelled_request_stops_its_running_items_too(plugin, tmp_path):
             assert pool.queued == 0 and metrics.queue_depth._value.get() == 0  # the waiting one forgotten
             await until(lambda: pool.alive == 2)  # both replaced, and they work
             assert [outcome.status for outcome in await pool.score([math_item("1")] * 2)] == ["ok"] * 2
-        finally:
-            await pool.close()
 
     asyncio.run(scenario())
 
