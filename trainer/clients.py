@@ -18,16 +18,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import SecretStr
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-)
-from tenacity.stop import StopBaseT
+from tenacity import stop_after_attempt, stop_after_delay
 
+from shared.retries import attempts_unless_busy, explain, json_headers, retryable, retrying
 from shared.schemas import (
     PromptRollout,
     RolloutPrompt,
@@ -49,76 +42,8 @@ class ReplicaError(ConnectionError):
     """No rollout replica (or the reward server) could serve a request."""
 
 
-def _retryable(error: BaseException) -> bool:
-    # A 4xx is our request's fault and will not get better by asking again.
-    if isinstance(error, httpx.HTTPStatusError):
-        return error.response.status_code >= 500 or error.response.status_code == 429
-    return isinstance(error, httpx.TransportError)
-
-
-_BACKOFF = wait_exponential(multiplier=0.2, max=5)
-
-
-def _wait(state: RetryCallState) -> float:
-    """Exponential backoff up to 5 s, or what a 429 or 503 asks in its Retry-After (at most a minute)."""
-    error = state.outcome.exception() if state.outcome is not None else None
-    if isinstance(error, httpx.HTTPStatusError):
-        after = error.response.headers.get("retry-after", "")
-        if after.isdigit():
-            return min(float(after), 60.0)
-    return _BACKOFF(state)
-
-
-def _say_retrying(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome is not None else None
-    pause = state.next_action.sleep if state.next_action is not None else 0.0
-    log.warning("%s; try %d failed, retrying in %.1f s", explain(error), state.attempt_number, pause)
-
-
-def _attempts_unless_busy(attempts: int, busy_s: float) -> StopBaseT:
-    """``attempts`` tries for a failure, but up to ``busy_s`` seconds of them while the server answers
-    429: a server that sheds load is alive and will take the request once its queue drains, so it is not
-    to be set aside as failed."""
-    by_attempts, by_time = stop_after_attempt(attempts), stop_after_delay(busy_s)
-
-    def stop(state: RetryCallState) -> bool:
-        error = state.outcome.exception() if state.outcome is not None else None
-        busy = isinstance(error, httpx.HTTPStatusError) and error.response.status_code == 429
-        return by_time(state) if busy else by_attempts(state)
-
-    return stop
-
-
-def _retrying(stop: StopBaseT, health_check: Callable[[], None] = lambda: None) -> Retrying:
-    """Retries of the retryable failures until ``stop``; ``health_check`` runs before each wait and may
-    raise to give up at once."""
-
-    def before_sleep(state: RetryCallState) -> None:
-        health_check()
-        _say_retrying(state)
-
-    return Retrying(
-        stop=stop, wait=_wait, retry=retry_if_exception(_retryable), before_sleep=before_sleep, reraise=True
-    )
-
-
 def _headers(api_key: SecretStr | None) -> dict[str, str]:
-    # Bodies are pydantic's JSON, sent as bytes; the by-value weights route overrides the type.
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
-    return headers
-
-
-def explain(error: BaseException) -> str:
-    """One line for a failed request: the server's own error message where it sent one."""
-    if isinstance(error, httpx.HTTPStatusError):
-        try:
-            detail = error.response.json()["error"]
-            return f"{error.response.status_code} {detail.get('field') or ''} {detail['message']}".strip()
-        except (ValueError, KeyError, TypeError):
-            return f"{error.response.status_code} {error.response.text[:200]}"
-    return f"{type(error).__name__}: {error}"
+    return json_headers(api_key.get_secret_value() if api_key else None)
 
 
 def discover_replicas(url: str) -> list[str]:
@@ -168,14 +93,14 @@ class RolloutReplicas:
         return [url for url in self.urls if url not in self.dead]
 
     def _post(self, url: str, path: str, **kwargs) -> httpx.Response:
-        for attempt in _retrying(_attempts_unless_busy(self.attempts, self.timeout_s)):
+        for attempt in retrying(attempts_unless_busy(self.attempts, self.timeout_s)):
             with attempt:
                 response = self.client.post(url + path, **kwargs)
                 response.raise_for_status()
         return response
 
     def _get(self, url: str, path: str) -> httpx.Response:
-        for attempt in _retrying(stop_after_attempt(self.attempts)):
+        for attempt in retrying(stop_after_attempt(self.attempts)):
             with attempt:
                 response = self.client.get(url + path)
                 response.raise_for_status()
@@ -266,7 +191,7 @@ class RolloutReplicas:
                 try:
                     answered = future.result()
                 except (httpx.HTTPError, ValueError) as error:
-                    if isinstance(error, httpx.HTTPStatusError) and not _retryable(error):
+                    if isinstance(error, httpx.HTTPStatusError) and not retryable(error):
                         raise ReplicaError(f"{url} refused the rollout request: {explain(error)}") from error
                     self._set_aside(url, error)
                     failed[slot] = pending[slot]
@@ -354,7 +279,7 @@ class RewardClient:
             return []
         body = ScoreRequest(items=items).model_dump_json(exclude_none=True)
         # One server, nowhere else to go: retried for as long as an outage may last.
-        for attempt in _retrying(stop_after_delay(self.outage_s), self.health_check):
+        for attempt in retrying(stop_after_delay(self.outage_s), self.health_check):
             with attempt:
                 response = self.client.post(self.url + "/v1/score", content=body)
                 response.raise_for_status()
