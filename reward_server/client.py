@@ -146,15 +146,30 @@ class RewardServerClient:
         self.close()
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with its mappings made dicts and its sequences lists, recursively: verl's reward_kwargs are
+    omegaconf containers, which the wire schemas do not take."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(item) for item in value]
+    return value
+
+
 def _items(
-    responses: Sequence[str], ground_truths: Sequence[object], reward: RewardSpec, meta: dict | None
+    responses: Sequence[str], ground_truths: Sequence[object], reward: RewardSpec, meta: Mapping | None
 ) -> list[ScoreItem]:
     """One item per response, its id its index. Ground truths may be numbers (a dataset's int column), read
-    as their text."""
-    # A mapping from a config system (omegaconf's DictConfig, from verl's reward_kwargs) is made a dict.
-    spec = reward if isinstance(reward, str) else dict(reward)
+    as their text, or None (none in the dataset, for functions that need none)."""
+    spec, meta = _plain(reward), _plain(meta)
     return [
-        ScoreItem(id=str(i), response=response, ground_truth=str(truth), reward=spec, meta=meta)
+        ScoreItem(
+            id=str(i),
+            response=response,
+            ground_truth="" if truth is None else str(truth),
+            reward=spec,
+            meta=meta,
+        )
         for i, (response, truth) in enumerate(zip(responses, ground_truths, strict=True))
     ]
 

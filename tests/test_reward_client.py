@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -198,6 +199,7 @@ def test_verl_compute_score_finds_the_server_in_the_environment() -> None:
     assert compute_score("math", "\\boxed{0.75}", "\\frac{3}{4}", {"index": 3}) == 0.9
     assert compute_score("math", "no answer at all", "7") == 0.0
     assert compute_score("mc", "The answer is (B).", "B", reward="choice") == 1.0
+    assert compute_score("chat", RIGHT, None, reward="format") == 1.0  # no ground truth in the data
     # The batched form, given what verl's batch reward manager passes: numpy arrays of objects.
     sources = np.array(["a", "b", "c"], dtype=object)
     solutions = np.array([RIGHT, WRONG, UNFORMATTED_RIGHT], dtype=object)
@@ -214,10 +216,14 @@ def test_verl_loads_compute_score_from_the_files_path() -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    reward_kwargs = {"reward": {"math": 0.5, "format": 0.5}}
-    assert (
-        module.compute_score(data_source="d", solution_str=WRONG, ground_truth="41", **reward_kwargs) == 0.5
-    )
+    # Mappings that are not dicts, as omegaconf's DictConfig from a Hydra command line is not.
+    reward_kwargs = {
+        "reward": MappingProxyType({"iou": 2.0}),
+        "meta": MappingProxyType({"iou": MappingProxyType({"mode": "continuous"})}),
+    }
+    # IoU 0.25, which the default threshold mode would score 0.
+    score = module.compute_score("d", "[0, 0, 10, 10]", "[0, 0, 10, 40]", None, **reward_kwargs)
+    assert score == 0.5
 
 
 def test_verl_factory_and_a_missing_url(server: Service, monkeypatch: pytest.MonkeyPatch) -> None:
