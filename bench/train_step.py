@@ -162,7 +162,7 @@ def configs(shape: str, options: Options, model: Path, data: Path, run_dir: Path
 
 def take_prompts(config: TrainConfig) -> list[Example]:
     """The step's prompts, as the loop takes them: the same ones every time (a fresh seeded stream)."""
-    return training_prompts(config.data, config.seed).take(config.train.prompts_per_step)
+    return training_prompts(config).take(config.train.prompts_per_step)
 
 
 def passes(algorithm: str) -> tuple[str, ...]:

@@ -3,9 +3,10 @@
 A reward function is a plain function ``(response, ground_truth, **params) -> float``, marked with
 :func:`reward_function`. Its keyword parameters (each with a default) are what a caller may set per
 item, in ``meta[<function name>]``; ``GET /v1/rewards`` lists them with their types and defaults,
-read from the signature. A function that declares a ``meta`` parameter also receives the item's whole
-``meta`` object. The built-in functions are in ``reward_server.rewards``, user ones in plugins
-(``reward_server.plugins``).
+read from the signature. A function that declares one of the item's context parameters
+(:data:`CONTEXT_PARAMETERS`: ``meta``, ``prompt``, ``data_source``, ``metadata``) receives the item's
+value of it instead (None where the item has none; ``meta`` as an object). The built-in functions are
+in ``reward_server.rewards``, user ones in plugins (``reward_server.plugins``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ F = TypeVar("F", bound=Callable[..., float])
 
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
 """What a reward function may be called: usable in ``name:weight`` lists and as a ``meta`` key."""
+
+CONTEXT_PARAMETERS = ("meta", "prompt", "data_source", "metadata")
+"""Parameters a reward function receives from the item itself, not from ``meta.<name>``."""
 
 
 class ItemProblem(ValueError):
@@ -49,7 +53,10 @@ class RewardFunctionInfo(BaseModel):
         description="Its parameters, as JSON Schema (type, default, bounds); set them per item in "
         "meta.<name>, e.g. {'iou': {'mode': 'continuous'}}."
     )
-    takes_meta: bool = Field(description="Whether it also receives the item's whole 'meta' object.")
+    context: list[str] = Field(
+        description="The item fields it receives besides the response and ground truth: any of 'meta', "
+        "'prompt', 'data_source', 'metadata'."
+    )
     fast: bool = Field(
         description="Whether its items must be scored within the server's fast lane (--fast-lane-s) or "
         "time out; otherwise an item past it gets a second try in the slow lane, up to --item-timeout-s."
@@ -74,7 +81,7 @@ class RewardFunction:
     fn: Callable[..., float]
     needs_ground_truth: bool
     check_ground_truth: Callable[[str], object] | None
-    takes_meta: bool
+    context: tuple[str, ...]
     params: type[BaseModel]
     source: str
     fast: bool = False
@@ -92,7 +99,7 @@ class RewardFunction:
             description=doc,
             needs_ground_truth=self.needs_ground_truth,
             parameters=properties,
-            takes_meta=self.takes_meta,
+            context=list(self.context),
             fast=self.fast,
             source=self.source,
         )
@@ -118,14 +125,14 @@ def describe_function(
         raise TypeError(f"reward function {name!r} must take (response, ground_truth, ...) first")
     hints = typing.get_type_hints(fn, include_extras=True)
     fields: dict[str, Any] = {}
-    takes_meta = False
+    context = []
     for parameter in parameters[2:]:
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             raise TypeError(
                 f"reward function {name!r}: *args and **kwargs cannot be listed; name each parameter"
             )
-        if parameter.name == "meta":
-            takes_meta = True
+        if parameter.name in CONTEXT_PARAMETERS:
+            context.append(parameter.name)
             continue
         if parameter.default is parameter.empty:
             raise TypeError(f"reward function {name!r}: parameter {parameter.name!r} needs a default")
@@ -136,7 +143,7 @@ def describe_function(
         fn=fn,
         needs_ground_truth=needs_ground_truth,
         check_ground_truth=check_ground_truth,
-        takes_meta=takes_meta,
+        context=tuple(context),
         params=params,
         source=fn.__module__,
         fast=fast,
@@ -165,7 +172,7 @@ def reward_function(
       slow lane (the built-in functions, which answer in milliseconds, unless the answer is hostile).
 
     Parameters after ``ground_truth`` must have defaults; callers set them per item in
-    ``meta[name]``. A parameter named ``meta`` receives the item's whole ``meta`` object instead.
+    ``meta[name]``. A parameter named as one of :data:`CONTEXT_PARAMETERS` receives the item's value instead.
     """
 
     def mark(fn: F) -> F:
@@ -192,7 +199,8 @@ class Task:
     response: str
     ground_truth: str
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    meta: dict[str, Any] | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    """The item's context parameters that its functions take."""
     fast: bool = False
     """Every function of it is fast: scored within the fast lane or not at all."""
 
@@ -240,9 +248,11 @@ class Registry:
         response: str,
         ground_truth: str,
         meta: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> tuple[dict[str, float], Task]:
         """Check one item against the registry and make its task; raise :class:`ItemProblem` naming the
-        field at fault. Nothing slow happens here: this runs in the server, before any work is queued."""
+        field at fault. ``context`` holds the item's other context parameters (prompt, data_source,
+        metadata). Nothing slow happens here: this runs in the server, before any work is queued."""
         weights = {reward: 1.0} if isinstance(reward, str) else dict(reward)
         for name in weights:
             if name not in self:
@@ -273,9 +283,12 @@ class Registry:
                 first = error.errors()[0]
                 where = ".".join(str(part) for part in first["loc"])
                 raise ItemProblem(f"meta.{name}.{where}" if where else f"meta.{name}", first["msg"]) from None
-        wants_meta = any(self[name].takes_meta for name in weights)
+        given = {**(context or {}), "meta": dict(meta)}
+        wanted = {key for name in weights for key in self[name].context}
         fast = all(self[name].fast for name in weights)
-        task = Task(tuple(weights), response, ground_truth, params, dict(meta) if wants_meta else None, fast)
+        task = Task(
+            tuple(weights), response, ground_truth, params, {key: given.get(key) for key in wanted}, fast
+        )
         return weights, task
 
 
@@ -285,8 +298,7 @@ def evaluate(registry: Registry, task: Task) -> dict[str, float]:
     for name in task.names:
         function = registry[name]
         kwargs = dict(task.params.get(name, {}))
-        if function.takes_meta:
-            kwargs["meta"] = task.meta or {}
+        kwargs |= {key: task.context[key] for key in function.context}
         try:
             value = function.fn(task.response, task.ground_truth, **kwargs)
         except Exception as error:

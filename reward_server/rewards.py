@@ -20,11 +20,12 @@ import logging
 import math
 import re
 from dataclasses import replace
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from reward_server.registry import RewardFunction, defined_in, reward_function
+from shared.latex import Span, last_boxed
 
 MAX_ANSWER_CHARS = 1000
 """Default longest answer that ``math`` hands to math-verify; longer answers score 0."""
@@ -41,43 +42,8 @@ second, while a tower like ``9^{9^{9}}`` (370 million digits) would hold a worke
 # --- finding the final answer ----------------------------------------------------------------------
 
 
-class Span(NamedTuple):
-    start: int
-    end: int
-    content: str
-
-
-# A backslash escapes the next character (so ``\{`` and ``\}`` are literal braces); everything else is
-# skipped by the regular expression engine, not by a Python loop.
-_BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)
+# Brackets of every kind, for nesting depth; a backslash escapes the next character.
 _BRACKET_TOKENS = re.compile(r"\\.|[{}()\[\]]", re.DOTALL)
-
-
-def _group_end(text: str, open_at: int) -> int | None:
-    """The index just past the brace that closes the one at ``open_at``, or None if it never closes."""
-    depth = 0
-    for token in _BRACE_TOKENS.finditer(text, open_at):
-        brace = token.group()
-        if brace == "{":
-            depth += 1
-        elif brace == "}":
-            depth -= 1
-            if depth == 0:
-                return token.end()
-    return None
-
-
-def last_boxed(text: str) -> Span | None:
-    r"""The last ``\boxed{…}`` of ``text``, matched brace for brace; None if there is none or it never
-    closes (a truncated response has no final answer)."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    open_at = start + len("\\boxed")
-    end = _group_end(text, open_at)
-    if end is None:
-        return None
-    return Span(start, end, text[open_at + 1 : end - 1])
 
 
 def last_answer_tag(text: str) -> Span | None:

@@ -59,8 +59,9 @@ class RewardService:
         weights, tasks = [], []
         for index, item in enumerate(request.items):
             try:
+                context = item.model_dump(include={"prompt", "data_source", "metadata"})
                 item_weights, task = self.registry.plan(
-                    item.reward, item.response, item.ground_truth, item.meta
+                    item.reward, item.response, item.ground_truth, item.meta, context
                 )
             except ItemProblem as problem:
                 field = f"items.{index}.{problem.field}"

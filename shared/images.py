@@ -81,7 +81,9 @@ def decode_image_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Im
         raw, declared = _read_file_url(url, limits), None
     elif scheme in ("http", "https") and colon:
         raise ImageError(
-            "bad_url", "remote image URLs are not fetched by this server; send a data: URL instead"
+            "bad_url",
+            "remote image URLs are not fetched by this server; send the image itself as a data: URL "
+            "(base64), e.g. data:image/png;base64,iVBORw0KGgo...",
         )
     else:
         raise ImageError(
@@ -146,18 +148,40 @@ def _read_file_url(url: str, limits: ImageLimits) -> bytes:
     try:
         if not path.is_file():
             raise ImageError("not_found", f"image file {path} does not exist or is not a regular file")
-        with path.open("rb") as file:
-            # The size of the file opened, not of whatever the path names by now.
-            size = os.fstat(file.fileno()).st_size
-            if size > limits.max_bytes:
-                raise ImageError(
-                    "too_large",
-                    f"image file {path} is {size} bytes, more than the limit of {limits.max_bytes}",
-                )
-            # Bounded, since the file may grow while it is read.
-            raw = file.read(limits.max_bytes + 1)
+        raw = _read_bounded(path, limits)
     except OSError as error:
         raise ImageError("not_found", f"image file {path} cannot be read: {error.strerror}") from error
+    return raw
+
+
+def read_image_file(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """The RGB image in a file the caller trusts (a dataset's), with the same limits as a URL's;
+    :class:`ImageError` if refused."""
+    try:
+        raw = _read_bounded(path, limits)
+    except OSError as error:
+        raise ImageError("not_found", f"image file {path} cannot be read: {error.strerror}") from error
+    return _decode(raw, None, limits)
+
+
+def decode_image_bytes(raw: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """The RGB image of PNG, JPEG or WebP file bytes (a dataset's cell), with a URL's limits."""
+    if len(raw) > limits.max_bytes:
+        raise ImageError("too_large", f"image is {len(raw)} bytes, more than the limit of {limits.max_bytes}")
+    return _decode(raw, None, limits)
+
+
+def _read_bounded(path: Path, limits: ImageLimits) -> bytes:
+    """A file's bytes, refused past ``limits.max_bytes``."""
+    with path.open("rb") as file:
+        # The size of the file opened, not of whatever the path names by now.
+        size = os.fstat(file.fileno()).st_size
+        if size > limits.max_bytes:
+            raise ImageError(
+                "too_large", f"image file {path} is {size} bytes, more than the limit of {limits.max_bytes}"
+            )
+        # Bounded, since the file may grow while it is read.
+        raw = file.read(limits.max_bytes + 1)
     if len(raw) > limits.max_bytes:
         raise ImageError("too_large", f"image file {path} grew past the limit of {limits.max_bytes} bytes")
     return raw

@@ -26,10 +26,12 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     Tag,
     ValidationInfo,
     field_validator,
+    model_serializer,
 )
 
 from shared.perturbations import SEED_LIMIT, TRANSFORMS_BY_KIND, ViewSpec
@@ -72,6 +74,10 @@ MAX_SCORE_ITEMS = 10_000
 """Items in one score request, and queries in one OpenRLHF reward request."""
 MAX_REWARD_COMPONENTS = 64
 """Reward functions weighted in one item, components in one result, keys in a ``meta`` or log dict."""
+MAX_METADATA_ENTRIES = 64
+"""Most entries of a score item's ``metadata``."""
+MAX_METADATA_CHARS = 4096
+"""Longest text value of a score item's ``metadata``."""
 MAX_TEMPERATURE = 2.0
 """Highest sampling temperature, as in the OpenAI API."""
 MIN_TEMPERATURE = 0.01
@@ -105,6 +111,10 @@ part; written in a message's text, they claim images that are not there (the pro
 Sampled in a response, the next teacher-forced pass over it would fail the same way, so the rollout
 backends never sample them either (``shared.vlm.suppressed_token_ids``)."""
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+MetadataValue = (
+    Annotated[str, StringConstraints(max_length=MAX_METADATA_CHARS)] | bool | int | FiniteFloat | None
+)
+"""One value of a score item's metadata: a scalar, so that it fits a dataset column as published."""
 
 
 def _no_vision_placeholders(text: str) -> str:
@@ -502,7 +512,22 @@ class ScoreItem(_Owned):
     meta: dict[str, Any] | None = Field(
         default=None,
         max_length=MAX_REWARD_COMPONENTS,
-        description="Anything else the reward functions take (the question, the task), passed through.",
+        description="Parameters of the reward functions, by function name (meta.<name>), passed through.",
+    )
+    prompt: Text | None = Field(
+        default=None,
+        description="The prompt's text (images as <image>), for reward functions that take a 'prompt'.",
+    )
+    data_source: Name | None = Field(
+        default=None,
+        description="Which dataset the item comes from (verl's data_source), for reward functions that take "
+        "a 'data_source'.",
+    )
+    metadata: dict[Name, MetadataValue] | None = Field(
+        default=None,
+        max_length=MAX_METADATA_ENTRIES,
+        description="Free-form facts about the example (its category, difficulty...), for reward functions "
+        "that take a 'metadata'.",
     )
 
 
@@ -635,8 +660,18 @@ MAX_TOP_LOGPROBS = 20
 """Alternatives per token in a chat completion's log-probs, as in the OpenAI API."""
 
 
+class StreamOptions(_Compatible):
+    """OpenAI's options of a streamed chat completion."""
+
+    include_usage: bool = Field(
+        default=False,
+        description="Send a last chunk, before [DONE], whose usage counts the whole request's tokens.",
+    )
+
+
 class ChatCompletionRequest(_Compatible):
-    """OpenAI's chat completion request; the fields a VLM server can honour. Streaming is not offered."""
+    """OpenAI's chat completion request; the fields a VLM server can honour, and vLLM's ``top_k`` and
+    ``return_token_ids``."""
 
     model: str | None = Field(default=None, max_length=MAX_PATH_CHARS, description="The served model's name.")
     messages: list[ChatMessage] = Field(
@@ -662,7 +697,17 @@ class ChatCompletionRequest(_Compatible):
     top_logprobs: int | None = Field(
         default=None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token; needs logprobs."
     )
-    stream: bool = Field(default=False, description="Must be false: streaming is not offered.")
+    stream: bool = Field(
+        default=False,
+        description="Send the completion as server-sent events: chat.completion.chunk objects, then [DONE].",
+    )
+    stream_options: StreamOptions | None = Field(default=None, description="Needs stream=true.")
+    return_token_ids: bool | None = Field(
+        default=None,
+        description="vLLM extension: also return the prompt's token ids (image tokens expanded) and each "
+        "choice's, so that a client need not tokenise again. A stream sends the prompt's in its first chunk "
+        "and each chunk's new tokens with it.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -673,12 +718,14 @@ class ChatCompletionRequest(_Compatible):
             raise ValueError(f"a stop string has 1 to {MAX_STOP_CHARS} characters")
         return stop
 
-    @field_validator("stream")
+    @field_validator("stream_options")
     @classmethod
-    def _no_streaming(cls, stream: bool) -> bool:
-        if stream:
-            raise ValueError("streaming is not supported; send stream=false")
-        return stream
+    def _stream_options_need_a_stream(
+        cls, options: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options needs stream=true")
+        return options
 
     @field_validator("top_logprobs")
     @classmethod
@@ -724,6 +771,9 @@ class ChatChoice(_Compatible):
     message: AssistantMessage
     finish_reason: Literal["stop", "length", "abort"]
     logprobs: ChoiceLogprobs | None = None
+    token_ids: list[int] | None = Field(
+        default=None, description="The completion's tokens, end token included (with return_token_ids)."
+    )
 
 
 class Usage(_Compatible):
@@ -741,6 +791,51 @@ class ChatCompletion(_Compatible):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = Field(
+        default=None, description="The prompt's tokens, image tokens expanded (with return_token_ids)."
+    )
+
+
+class ChatDelta(_Compatible):
+    """What a chunk adds to one choice's message; fields with nothing to add are left out, as OpenAI does."""
+
+    role: Literal["assistant"] | None = Field(default=None, description="In each choice's first chunk.")
+    content: str | None = Field(default=None, description="The next piece of the text.")
+
+    @model_serializer(mode="wrap")
+    def _leave_out_nothing(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in serialize(self).items() if value is not None}
+
+
+class ChatChunkChoice(_Compatible):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = Field(
+        default=None, description="The log-probs of this chunk's tokens (with logprobs)."
+    )
+    finish_reason: Literal["stop", "length", "abort"] | None = Field(
+        default=None, description="Set in the choice's last chunk."
+    )
+    token_ids: list[int] | None = Field(
+        default=None, description="This chunk's new tokens (with return_token_ids)."
+    )
+
+
+class ChatCompletionChunk(_Compatible):
+    """One server-sent event of a streamed chat completion (``data: {chunk}``), as OpenAI sends them: per
+    choice, a chunk with the role, chunks with the content, and a last one with the finish reason; with
+    ``stream_options.include_usage``, a chunk without choices that carries the usage. ``data: [DONE]`` ends
+    the stream."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(default=None, description="Only in the usage chunk.")
+    prompt_token_ids: list[int] | None = Field(
+        default=None, description="In the first chunk only (with return_token_ids)."
+    )
 
 
 class ModelCard(_Compatible):
@@ -756,3 +851,79 @@ class ModelList(_Compatible):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- vLLM's tokenizer routes (POST /tokenize, POST /detokenize) ----------------------------------
+
+MAX_DETOKENIZE_TOKENS = MAX_PROMPT_TOKENS + MAX_TOKENS
+"""Tokens in one detokenize request: a whole context, prompt and response."""
+
+
+class TokenizeRequest(_Compatible):
+    """vLLM's tokenize request, in either of its forms: a ``prompt``, tokenised as it is, or chat
+    ``messages``, rendered by the chat template with each image expanded into its tokens, as generation
+    sees them."""
+
+    model: str | None = Field(default=None, max_length=MAX_PATH_CHARS, description="The served model's name.")
+    prompt: Text | None = Field(default=None, description="Text to tokenise as it is; or send messages.")
+    messages: list[ChatMessage] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        validate_default=True,
+        description="A conversation to render and tokenise, as a chat completion would; or send prompt.",
+    )
+    add_generation_prompt: bool = Field(
+        default=True, description="messages: end with the assistant's header, as a chat completion does."
+    )
+    continue_final_message: bool = Field(
+        default=False,
+        description="messages: leave the last message open for the model to continue; needs "
+        "add_generation_prompt=false.",
+    )
+    add_special_tokens: bool | None = Field(
+        default=None,
+        description="Add the tokenizer's own special tokens (e.g. BOS); unset: true for a prompt, false for "
+        "messages, whose chat template writes them (as in vLLM).",
+    )
+    return_token_strs: bool = Field(default=False, description="Also return each token's string.")
+
+    @field_validator("messages")
+    @classmethod
+    def _prompt_or_messages(
+        cls, messages: list[ChatMessage] | None, info: ValidationInfo
+    ) -> list[ChatMessage] | None:
+        if (messages is None) == (info.data.get("prompt") is None):
+            raise ValueError("send exactly one of prompt and messages")
+        return messages
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _open_or_answered(cls, continue_final_message: bool, info: ValidationInfo) -> bool:
+        if continue_final_message and info.data.get("add_generation_prompt"):
+            raise ValueError("continue_final_message needs add_generation_prompt=false")
+        return continue_final_message
+
+
+class TokenizeResponse(_Compatible):
+    """vLLM's tokenize response."""
+
+    count: int = Field(description="How many tokens.")
+    max_model_len: int = Field(description="The served context length, prompt and response.")
+    tokens: list[int] = Field(description="The token ids.")
+    token_strs: list[str] | None = Field(default=None, description="Each token's string (return_token_strs).")
+
+
+class DetokenizeRequest(_Compatible):
+    """vLLM's detokenize request."""
+
+    model: str | None = Field(default=None, max_length=MAX_PATH_CHARS, description="The served model's name.")
+    tokens: list[TokenId] = Field(
+        max_length=MAX_DETOKENIZE_TOKENS, description="Token ids of the served tokenizer's vocabulary."
+    )
+
+
+class DetokenizeResponse(_Compatible):
+    """vLLM's detokenize response."""
+
+    prompt: str = Field(description="The text of the tokens, special tokens included.")

@@ -8,6 +8,7 @@ an image-and-text processor built from the same files when the stock one cannot 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -73,18 +74,54 @@ def load_processor(path: str | Path) -> ProcessorMixin:
         ) from error
 
 
+@dataclass(frozen=True)
+class PixelBounds:
+    """How Qwen-VL processors size an image: each side a multiple of ``factor`` (patch × merge size), the
+    area within ``min_pixels`` and ``max_pixels``, the aspect ratio kept as well as those allow."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+    def size(self, image: Image.Image) -> tuple[int, int]:
+        """The (width, height) ``image`` is resized to."""
+        height, width = smart_resize(
+            image.height,
+            image.width,
+            factor=self.factor,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
+        return width, height
+
+    def fit(self, image: Image.Image) -> Image.Image:
+        """``image`` at :meth:`size`, resampled as the processors do (bicubic), or itself if it fits."""
+        size = self.size(image)
+        return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def pixel_bounds(
+    processor: ProcessorMixin, min_pixels: int | None = None, max_pixels: int | None = None
+) -> PixelBounds:
+    """The processor's bounds, narrowed to ``min_pixels``/``max_pixels`` where given. Bounds past the
+    processor's own are refused: it would resize the image again."""
+    images = processor.image_processor
+    own = PixelBounds(
+        images.patch_size * images.merge_size, images.size["shortest_edge"], images.size["longest_edge"]
+    )
+    bounds = PixelBounds(own.factor, min_pixels or own.min_pixels, max_pixels or own.max_pixels)
+    if not own.min_pixels <= bounds.min_pixels <= bounds.max_pixels <= own.max_pixels:
+        raise ValueError(
+            f"pixel bounds {bounds.min_pixels}..{bounds.max_pixels} must lie within the model processor's "
+            f"{own.min_pixels}..{own.max_pixels} (its size.shortest_edge and size.longest_edge), min first"
+        )
+    return bounds
+
+
 def processed_size(processor: ProcessorMixin, image: Image.Image) -> tuple[int, int]:
     """The (width, height) the processor resizes ``image`` to before it cuts it into patches: a multiple of
     patch × merge size on each side, within the processor's pixel bounds."""
-    images = processor.image_processor
-    height, width = smart_resize(
-        image.height,
-        image.width,
-        factor=images.patch_size * images.merge_size,
-        min_pixels=images.size["shortest_edge"],
-        max_pixels=images.size["longest_edge"],
-    )
-    return width, height
+    return pixel_bounds(processor).size(image)
 
 
 def load_model(path: str | Path, **kwargs) -> PreTrainedModel:

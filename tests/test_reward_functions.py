@@ -36,12 +36,12 @@ from reward_server.rewards import (
     format_reward,
     iou_reward,
     largest_number_digits,
-    last_boxed,
     math_reward,
     nesting_depth,
     numeric_reward,
     parse_number,
 )
+from shared.latex import last_boxed
 from shared.settings import exposure_problem
 
 
@@ -418,7 +418,7 @@ def test_plan_makes_the_task():
         {"math": 0.9, "format": 0.1}, "resp", "7", {"math": {"max_depth": 4}, "question": "q"}
     )
     assert weights == {"math": 0.9, "format": 0.1}
-    assert task == Task(("math", "format"), "resp", "7", {"math": {"max_depth": 4}}, None, fast=True)
+    assert task == Task(("math", "format"), "resp", "7", {"math": {"max_depth": 4}}, {}, fast=True)
     # format alone needs no ground truth
     assert registry.plan("format", "resp", "")[1].names == ("format",)
 

@@ -100,6 +100,16 @@ def not_a_number(response: str, ground_truth: str) -> float:
 def question_length(response: str, ground_truth: str, meta: dict | None = None) -> float:
     """The length of meta['question']."""
     return float(len((meta or {}).get("question", "")))
+
+
+@reward_function("by_context", needs_ground_truth=False)
+def by_context(
+    response: str, ground_truth: str, prompt: str | None = None, data_source: str | None = None,
+    metadata: dict | None = None,
+) -> float:
+    """len(prompt) + 100 for data_source 'geo' + 1000 x metadata['level']; a missing field adds 0."""
+    level = (metadata or {}).get("level", 0)
+    return len(prompt or "") + 100.0 * (data_source == "geo") + 1000.0 * level
 '''
 
 
@@ -177,7 +187,8 @@ def test_rewards_lists_builtins_and_plugins_with_parameters(client):
     catalog = client.get("/v1/rewards").json()
     functions = {entry["name"]: entry for entry in catalog["functions"]}
     builtins = {"math", "format", "choice", "exact", "numeric", "iou"}
-    plugins = {"crash", "rendezvous", "record", "raises", "not_a_number", "question_length", "length_penalty"}
+    plugins = {"crash", "rendezvous", "record", "raises", "not_a_number", "length_penalty"}
+    plugins |= {"question_length", "by_context"}
     assert set(functions) == builtins | plugins
     assert functions["iou"]["parameters"]["mode"]["enum"] == ["threshold", "continuous"]
     assert functions["format"]["parameters"]["style"]["default"] == "boxed"
@@ -186,12 +197,37 @@ def test_rewards_lists_builtins_and_plugins_with_parameters(client):
         "max_chars": {"default": 2000, "minimum": 1, "type": "integer"}
     }
     assert functions["length_penalty"]["source"] == "reward_server.examples.length_penalty"
-    assert functions["question_length"]["takes_meta"] is True
+    assert functions["question_length"]["context"] == ["meta"]
+    assert functions["by_context"]["context"] == ["prompt", "data_source", "metadata"]
+    assert functions["math"]["context"] == []
     assert functions["math"]["needs_ground_truth"] and not functions["format"]["needs_ground_truth"]
     assert catalog["openrlhf_reward"] == {"math": 0.9, "format": 0.1}
 
 
 # --- POST /v1/score ------------------------------------------------------------------------------
+
+
+def test_functions_receive_the_prompt_data_source_and_metadata_they_ask_for(client):
+    context = {"prompt": "What is x?", "data_source": "geo", "metadata": {"level": 2, "category": "plane"}}
+    results = score(
+        client,
+        item("all", "r", reward="by_context", **context),
+        item("none", "r", reward="by_context"),
+        item("other-source", "r", reward="by_context", data_source="chart", metadata={"level": 0.5}),
+        # A function that does not ask for them is scored as before.
+        item("math", r"\boxed{2}", "2", reward="math", **context),
+    )
+    assert [result["reward"] for result in results] == [len("What is x?") + 100 + 2000, 0.0, 500.0, 1.0]
+
+
+def test_metadata_must_be_scalars_within_limits(client):
+    nested = client.post(
+        "/v1/score", json={"items": [item("a", "r", reward="by_context", metadata={"k": [1]})]}
+    )
+    assert nested.status_code == 422 and nested.json()["error"]["field"].startswith("items.0.metadata.k")
+    many = {f"k{i}": i for i in range(65)}
+    crowded = client.post("/v1/score", json={"items": [item("a", "r", reward="by_context", metadata=many)]})
+    assert crowded.status_code == 422 and crowded.json()["error"]["field"] == "items.0.metadata"
 
 
 def test_every_function_scores_known_answers_in_request_order(client):

@@ -231,13 +231,14 @@ def test_overrides_are_yaml_and_nested():
 
 def test_the_prompt_stream_is_seeded_and_restores(tmp_path):
     from shared.synth_data import SynthSettings, write_dataset
-    from trainer.data import PromptStream, load_split
+    from trainer.config import load_config
+    from trainer.data import training_prompts
 
     data = write_dataset(tmp_path / "data", SynthSettings(train=12, test=4, seed=0, image_size=56))
-    split = load_split(str(data), "train")
+    config = load_config(None, [f"data.path={data}", "seed=5"])
 
-    def stream() -> PromptStream:
-        return PromptStream(split, data, "", seed=5, shuffle=True)
+    def stream():
+        return training_prompts(config)
 
     first = stream()
     ids = [e.id for e in first.take(8)]
@@ -268,8 +269,8 @@ def test_views_follow_the_examples_group(tmp_path):
             "rollout.positive_transforms=[rotation]",
         ],
     )
-    stream = training_prompts(config.data, 0, "task")
-    assert stream.groups() == ["colour", "count", "position", "shape"]
+    stream = training_prompts(config)
+    assert stream.groups == ["colour", "count", "position", "shape"]
     examples = stream.take(24)
     assert {e.group for e in examples} == {"colour", "shape", "count", "position"}
     expected = {
@@ -287,8 +288,10 @@ def test_views_follow_the_examples_group(tmp_path):
     # Without a 'default' entry, a group not listed gets the official set (None).
     plain = load_config(None, ["rollout.views_by=task", "rollout.negative_transforms={colour: [grey_out]}"])
     assert plain.rollout.transforms("negative", "shape") is None
-    with pytest.raises(DataError, match="colour_name"):
-        training_prompts(config.data, 0, "colour_name")
+    with pytest.raises(
+        DataError, match=r"views_by is 'colour_name', but the train split .* has no such column"
+    ):
+        training_prompts(load_config(None, [f"data.path={data}", "rollout.views_by=colour_name"]))
 
 
 @pytest.mark.parametrize(
@@ -307,13 +310,14 @@ def test_view_transforms_are_checked_with_the_config(overrides, named):
 
 
 def test_datasets_with_a_wrong_layout_are_refused(tmp_path):
+    from trainer.config import DataConfig
     from trainer.data import DataError, load_split
 
-    with pytest.raises(DataError, match=r"no train\.parquet or train\.jsonl"):
-        load_split(str(tmp_path), "train")
+    with pytest.raises(DataError, match=r"no train\.parquet, train\.jsonl or data/train-\*\.parquet"):
+        load_split(str(tmp_path), "train", DataConfig())
     (tmp_path / "train.jsonl").write_text('{"problem": "<image>What?", "answer": "red"}\n')
-    with pytest.raises(DataError, match="lacks the column"):
-        load_split(str(tmp_path), "train")
+    with pytest.raises(DataError, match=r"cannot tell the layout .* from its columns \(problem, answer\)"):
+        load_split(str(tmp_path), "train", DataConfig())
 
 
 def test_discovery_lists_every_address_of_a_name():
@@ -424,15 +428,15 @@ def test_progress_and_evaluation_lines_fit_80_columns():
 
 def test_evaluation_asks_for_no_more_prompts_than_the_split_has(tmp_path):
     from shared.synth_data import SynthSettings, write_dataset
-    from trainer.config import DataConfig
+    from trainer.config import load_config
     from trainer.data import DataError, evaluation_examples
 
     folder = write_dataset(tmp_path / "data", SynthSettings(train=8, test=8))
-    data = DataConfig(path=str(folder), tasks=["colour"])
-    assert len(evaluation_examples(data, 2)) == 2  # a quarter of the test split is the colour task
-    refused = r"--prompts is 3, but the test split .* has 2 rows of tasks \['colour'\]"
+    config = load_config(None, [f"data.path={folder}", "data.tasks=[colour]"])
+    assert len(evaluation_examples(config, 2)) == 2  # a quarter of the test split is the colour task
+    refused = r"--prompts is 3, but the test split .* has 2 rows of tasks \['colour'\]; ask for at most 2"
     with pytest.raises(DataError, match=refused):
-        evaluation_examples(data, 3, asked_by="--prompts")
+        evaluation_examples(config, 3, asked_by="--prompts")
 
 
 def test_chance_accuracy_guesses_among_each_groups_answers():

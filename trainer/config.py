@@ -50,20 +50,60 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
 
 
+ColumnRole = Literal["problem", "answer", "images", "id", "data_source"]
+"""What a dataset column holds, for ``data.columns``."""
+
+
 class DataConfig(Section):
     path: str = Field(
         default="runs/demo/data",
-        description="A folder of {split}.parquet or .jsonl files (EasyR1 layout), or a hub dataset name.",
+        description="The dataset as published: a folder (parquet or jsonl files, a hub snapshot, a "
+        "save_to_disk folder), one data file, or a hub dataset name. Its layout (EasyR1, ViRL39K, verl) is "
+        "detected from its columns: docs/data.md.",
+    )
+    columns: dict[ColumnRole, str] | None = Field(
+        default=None,
+        description="The columns holding problem, answer, images (and optionally id, data_source), for a "
+        "layout that is not detected, e.g. {problem: question, answer: solution, images: image}.",
     )
     train_split: str = Field(default="train", description="Split to train on.")
-    test_split: str = Field(default="test", description="Split to evaluate on.")
+    test_split: str = Field(
+        default="test", description="Split to evaluate on (of eval.data where that is set)."
+    )
     instruction: str = Field(
-        default=PAPER_INSTRUCTION, description="Appended to every problem; the paper's by default."
+        default=PAPER_INSTRUCTION,
+        description="Appended to every problem; the paper's by default. A verl prompt, which holds its own, "
+        "is left as it is.",
     )
     tasks: list[str] | None = Field(
         default=None, description="Keep only rows whose `task` column is one of these; null keeps all."
     )
     shuffle: bool = Field(default=True, description="Shuffle the training split each epoch (seeded).")
+    min_pixels: int | None = Field(
+        default=None,
+        ge=1,
+        description="Fewest pixels of an image sent to the model (Qwen-VL's min_pixels); null is the "
+        "model processor's own.",
+    )
+    max_pixels: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most pixels of an image sent to the model (Qwen-VL's max_pixels); null is the model "
+        "processor's own. Larger images are scaled down by the trainer, before the rollout server sees them.",
+    )
+    max_skip_fraction: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="Bad examples (an image that does not decode or is too large, a prompt the rollout "
+        "server refuses) are skipped and counted; past this fraction of the split the run stops.",
+    )
+
+    @model_validator(mode="after")
+    def _pixels_in_order(self) -> DataConfig:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("data.min_pixels cannot exceed data.max_pixels")
+        return self
 
 
 class RolloutConfig(Section):
@@ -152,6 +192,11 @@ class RewardConfig(Section):
         default_factory=lambda: {"math": 0.9, "format": 0.1},
         description="Reward function name, or weights per name; the paper's 0.9·math + 0.1·format.",
     )
+    by_source: dict[str, str | dict[str, float]] = Field(
+        default_factory=dict,
+        description="The reward of the examples of one data_source (the dataset's data_source column, or "
+        "ViRL39K's source), in place of reward.reward: e.g. {chartqa: exact, geometry3k: {math: 1.0}}.",
+    )
     accuracy: str = Field(default="math", description="The reward component logged as accuracy.")
     timeout_s: float = Field(default=120.0, gt=0, description="Seconds one scoring request may take.")
     outage_s: float = Field(
@@ -163,6 +208,10 @@ class RewardConfig(Section):
     ready_timeout_s: float = Field(
         default=600.0, gt=0, description="Seconds to wait for the reward server's workers."
     )
+
+    def for_source(self, data_source: str | None) -> str | dict[str, float]:
+        """The reward of an example from ``data_source``."""
+        return self.by_source.get(data_source, self.reward) if data_source else self.reward
 
 
 class TrainLoopConfig(Section):
@@ -236,6 +285,18 @@ class CheckpointConfig(Section):
 class EvalConfig(Section):
     every: int = Field(default=25, ge=0, description="Steps between evaluations; 0 is never.")
     prompts: int = Field(default=100, ge=1, description="Test prompts per evaluation.")
+    data: str | None = Field(
+        default=None,
+        description="Evaluate on this dataset (its data.test_split, or its only split) instead of "
+        "data.path's test split.",
+    )
+    holdout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Hold this fraction of the training split out of training and evaluate on it (for "
+        "datasets with no test split, such as ViRL39K); 0 is off.",
+    )
     samples: int = Field(
         default=4, ge=1, le=MAX_SAMPLES_PER_PROMPT, description="k of avg@k (sampled accuracy)."
     )
@@ -289,6 +350,8 @@ class TrainConfig(Section):
     def _consistent(self) -> TrainConfig:
         if self.train.mini_batches > self.train.prompts_per_step:
             raise ValueError("train.mini_batches cannot exceed train.prompts_per_step")
+        if self.eval.holdout and self.eval.data:
+            raise ValueError("set eval.holdout or eval.data, not both")
         if self.eval.removed_view == "clean":
             raise ValueError("eval.removed_view must be a perturbed view: positive or negative")
         return self

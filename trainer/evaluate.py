@@ -17,11 +17,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from statistics import fmean
 
-from shared.schemas import PromptRollout, RequestedViews, RolloutRequest, SamplingParams, ScoreItem
+from shared.schemas import PromptRollout, RequestedViews, RolloutRequest, SamplingParams
 from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
 from trainer.data import Example
-from trainer.rollouts import prompt_views
+from trainer.rollouts import prompt_views, score_item
 
 
 def accuracies(
@@ -35,15 +35,7 @@ def accuracies(
     """Accuracy of the samples drawn on ``variant``: overall (key None) and per ``by`` (the group)."""
     by_id = {e.id: e for e in examples}
     samples = [(r.prompt_id, s) for r in rollouts for s in r.samples if s.sampled_on == variant]
-    items = [
-        ScoreItem(
-            id=f"{prompt_id}/{s.sample_index}",
-            response=s.text,
-            ground_truth=by_id[prompt_id].answer,
-            reward=config.reward.reward,
-        )
-        for prompt_id, s in samples
-    ]
+    items = [score_item(config, by_id[prompt_id], s) for prompt_id, s in samples]
     correct: dict[str | None, list[float]] = defaultdict(list)
     for (prompt_id, _), result in zip(samples, rewards.score(items) if items else [], strict=True):
         accuracy = result.components.get(config.reward.accuracy, 0.0)

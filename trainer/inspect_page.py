@@ -91,13 +91,13 @@ def write_inspection(
     from shared.launch import running_service
     from shared.vlm import load_model, load_processor, suppressed_token_ids
     from trainer.clients import RewardClient, RolloutReplicas
-    from trainer.data import evaluation_examples
+    from trainer.data import evaluation_examples, image_bounds
     from trainer.experience import Batch
     from trainer.inspection import inspect_tokens, sample
     from trainer.policy import response_logprobs
 
     processor = load_processor(model)
-    examples = evaluation_examples(config.data, count, config.rollout.views_by, asked_by="--prompts")
+    examples = evaluation_examples(config, count, image_bounds(processor, config.data), asked_by="--prompts")
     with ExitStack() as stack, tempfile.TemporaryDirectory() as logs:
         if rollout_url is None:
             args = ["--model", model, "--backend", "transformers", "--host", "127.0.0.1"]

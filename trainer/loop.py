@@ -24,7 +24,7 @@ from trainer import checkpoint
 from trainer.checkpoint import TrainerState
 from trainer.clients import ReplicaError, RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
-from trainer.data import evaluation_examples, training_prompts
+from trainer.data import evaluation_examples, image_bounds, training_prompts
 from trainer.distributed import (
     barrier,
     broadcast_from_rank0,
@@ -67,10 +67,10 @@ def train(
     processor = load_processor(config.model.path)
     pad_id = processor.tokenizer.pad_token_id
     passes = ALGORITHMS[config.objective.algorithm].passes
-    stream = training_prompts(config.data, config.seed, config.rollout.views_by)
-    groups = stream.groups()
+    bounds = image_bounds(processor, config.data)
+    stream = training_prompts(config, bounds)
     evaluated = config.eval.prompts if config.eval.every else 0
-    tests = evaluation_examples(config.data, evaluated, config.rollout.views_by)
+    tests = evaluation_examples(config, evaluated, bounds)
     replicas, rewards = connect(config, health_check)
     policy = Policy(config, micro_batches_per_mini_batch(config), suppressed_token_ids(processor.tokenizer))
     state = TrainerState(step=0, policy_version=0, data=stream.state())
@@ -92,7 +92,7 @@ def train(
             batch = sampler.next(step, version)  # sample + score
             rows, groups_dropped, spare = rows_with_advantages(processor, batch, passes, config)  # advantages
             started = time.perf_counter()
-            metrics = update(policy, rows, spare, groups, config, pad_id)  # loss + step
+            metrics = update(policy, rows, spare, stream.groups, config, pad_id)  # loss + step
             metrics["seconds_train"] = time.perf_counter() - started
             started = time.perf_counter()
             version = publisher.publish(version + 1)  # push weights

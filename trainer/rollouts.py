@@ -19,6 +19,7 @@ from shared.schemas import (
     RequestedViews,
     RolloutPrompt,
     RolloutRequest,
+    Sample,
     SamplingParams,
     ScoreItem,
     ViewRecipe,
@@ -79,16 +80,25 @@ def rollout_request(config: TrainConfig, prompts: list[RolloutPrompt], seed: int
     )
 
 
+def score_item(config: TrainConfig, example: Example, sample: Sample) -> ScoreItem:
+    """A sample as the reward server scores it: the reward of its example's data source, and the prompt,
+    source and metadata that reward functions may take."""
+    return ScoreItem(
+        id=f"{sample.prompt_id}/{sample.sample_index}",
+        response=sample.text,
+        ground_truth=example.answer,
+        reward=config.reward.for_source(example.data_source),
+        prompt=example.prompt or None,
+        data_source=example.data_source,
+        metadata=example.metadata or None,
+    )
+
+
 def score_items(
     config: TrainConfig, examples: dict[str, Example], rollouts: list[PromptRollout]
 ) -> list[ScoreItem]:
     return [
-        ScoreItem(
-            id=f"{r.prompt_id}/{s.sample_index}",
-            response=s.text,
-            ground_truth=examples[r.prompt_id].answer,
-            reward=config.reward.reward,
-        )
+        score_item(config, examples[r.prompt_id], s)
         for r in rollouts
         for s in r.samples
         if s.sampled_on == "clean"
