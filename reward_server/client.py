@@ -157,10 +157,16 @@ def _plain(value: Any) -> Any:
 
 
 def _items(
-    responses: Sequence[str], ground_truths: Sequence[object], reward: RewardSpec, meta: Mapping | None
+    responses: Sequence[str],
+    ground_truths: Sequence[object],
+    prompts: Sequence[str | None],
+    data_sources: Sequence[str | None],
+    reward: RewardSpec,
+    meta: Mapping | None,
 ) -> list[ScoreItem]:
     """One item per response, its id its index. Ground truths may be numbers (a dataset's int column), read
-    as their text, or None (none in the dataset, for functions that need none)."""
+    as their text, or None (none in the dataset, for functions that need none). The prompts and data
+    sources go to the reward functions that take them."""
     spec, meta = _plain(reward), _plain(meta)
     return [
         ScoreItem(
@@ -169,8 +175,13 @@ def _items(
             ground_truth="" if truth is None else str(truth),
             reward=spec,
             meta=meta,
+            prompt=prompt,
+            # verl's come as numpy strings.
+            data_source=None if source is None else str(source),
         )
-        for i, (response, truth) in enumerate(zip(responses, ground_truths, strict=True))
+        for i, (response, truth, prompt, source) in enumerate(
+            zip(responses, ground_truths, prompts, data_sources, strict=True)
+        )
     ]
 
 
@@ -190,35 +201,53 @@ def _rewards(results: Sequence[ScoreResult]) -> list[float]:
 
 # --- TRL -----------------------------------------------------------------------------------------
 
-Completion = str | list[dict[str, Any]]
-"""A TRL completion: the text, or (conversational) the generated messages."""
+Conversation = list[dict[str, Any]]
+"""TRL's conversational prompts and completions: ``{"role", "content"}`` messages."""
 # What TRL passes every reward function besides the dataset's columns.
 _TRL_KWARGS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
+IMAGE_PLACEHOLDER = "<image>"
+"""An image part in a prompt's text, as the trainer's score items write it."""
 
 
-def completion_text(completion: Completion) -> str:
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if content is None:  # a message of tool calls only
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(
+        part.get("text", "") if part.get("type") == "text" else IMAGE_PLACEHOLDER
+        for part in content
+        if part.get("type") in ("text", "image", "image_url")
+    )
+
+
+def completion_text(completion: str | Conversation) -> str:
     """The response in a TRL completion: the text itself, or a conversational completion's last assistant
     message (its text parts joined, where the content is a list of parts)."""
     if isinstance(completion, str):
         return completion
     for message in reversed(completion):
         if message.get("role") == "assistant":
-            content = message.get("content")
-            if content is None:  # a message of tool calls only
-                return ""
-            if isinstance(content, str):
-                return content
-            return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            return _message_text(message)
     raise ValueError(f"a conversational completion without an assistant message: {completion!r:.200}")
+
+
+def prompt_text(prompt: str | Conversation) -> str:
+    """A TRL prompt's text: the text itself, or each message's text on a line of its own, images as
+    ``<image>`` (what the trainer's own score items carry)."""
+    return prompt if isinstance(prompt, str) else "\n".join(_message_text(message) for message in prompt)
 
 
 class TRLReward:
     """A TRL reward function scored by the reward server: ``(prompts, completions, **kwargs) -> list[float]``.
 
-    ``completions`` are texts or conversational completions (lists of ``{"role", "content"}`` messages);
-    the ground truths are ``kwargs[ground_truth_column]``, one per completion, as TRL passes each column of
-    the dataset. Where TRL gives ``log_metric``, each reward component's mean is logged as
-    ``<__name__>/<component>``. ``__name__`` is what TRL logs the reward under (``rewards/<__name__>/mean``).
+    ``prompts`` and ``completions`` are texts or conversations (lists of ``{"role", "content"}``
+    messages); the ground truths are ``kwargs[ground_truth_column]``, one per completion, as TRL passes
+    each column of the dataset. The prompts' texts, and a ``data_source`` column where the dataset has
+    one, go to the reward functions that take them. Where TRL gives ``log_metric``, each reward
+    component's mean is logged as ``<__name__>/<component>``. ``__name__`` is what TRL logs the reward
+    under (``rewards/<__name__>/mean``).
     """
 
     def __init__(
@@ -233,10 +262,14 @@ class TRLReward:
         self.ground_truth_column = ground_truth_column
         self.__name__ = name
 
-    def __call__(self, prompts: list[Any], completions: list[Completion], **kwargs: Any) -> list[float]:
+    def __call__(
+        self, prompts: list[str | Conversation], completions: list[str | Conversation], **kwargs: Any
+    ) -> list[float]:
         items = _items(
             [completion_text(c) for c in completions],
             self._ground_truths(kwargs, len(completions)),
+            [prompt_text(p) for p in prompts],
+            kwargs.get("data_source") or [None] * len(completions),
             self.reward,
             self.meta,
         )
@@ -324,10 +357,13 @@ def compute_score_batch(
 
     The keyword arguments come from ``custom_reward_function.reward_kwargs``: ``url`` (default
     ``$CPPO_REWARD_URL``), ``api_key`` (default ``$CPPO_REWARD_API_KEY``), ``reward`` and ``meta`` as for
-    :func:`make_trl_reward`. ``data_sources`` and ``extra_infos`` are accepted as verl passes them.
+    :func:`make_trl_reward`. The data sources go to the reward functions that take a ``data_source``;
+    ``extra_infos`` are accepted as verl passes them.
     """
     client = _shared_client(_url(url), api_key or os.environ.get(API_KEY_ENV))
-    return _rewards(client.score(_items(solution_strs, ground_truths, reward, meta)))
+    # verl gives a reward function no prompt.
+    items = _items(solution_strs, ground_truths, [None] * len(solution_strs), data_sources, reward, meta)
+    return _rewards(client.score(items))
 
 
 def compute_score(
@@ -374,6 +410,7 @@ def make_verl_compute_score(
     def compute_score(
         data_source: str, solution_str: str, ground_truth: object, extra_info: dict | None = None
     ) -> float:
-        return _rewards(client.score(_items([solution_str], [ground_truth], reward, meta)))[0]
+        items = _items([solution_str], [ground_truth], [None], [data_source], reward, meta)
+        return _rewards(client.score(items))[0]
 
     return compute_score

@@ -49,10 +49,26 @@ WRONG = "\\boxed{41}"
 UNFORMATTED_RIGHT = "The answer is \\boxed{\\frac{84}{2}}."
 
 
+CONTEXT_PLUGIN = """
+from reward_server.plugins import reward_function
+
+
+@reward_function("context", needs_ground_truth=False)
+def context(
+    response: str, ground_truth: str, prompt: str | None = None, data_source: str | None = None
+) -> float:
+    '''len(prompt) + 1000 for data_source 'geo'.'''
+    return len(prompt or "") + 1000.0 * (data_source == "geo")
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The reward server with a key, and the example plugin whose scores vary with a response's length."""
-    args = ["--workers", "2", "--plugin", "reward_server.examples.length_penalty"]
+    """The reward server with a key, the example plugin whose scores vary with a response's length, and one
+    that scores the prompt and data source it is given."""
+    plugin = tmp_path_factory.mktemp("plugin") / "context.py"
+    plugin.write_text(CONTEXT_PLUGIN)
+    args = ["--workers", "2", "--plugin", "reward_server.examples.length_penalty", "--plugin", str(plugin)]
     logs = tmp_path_factory.mktemp("logs")
     with running_server("reward-server", args, logs, env={API_KEY_ENV: KEY}) as service:
         yield service
@@ -105,6 +121,19 @@ def test_trl_reward_reads_the_configured_column_or_none(server: Service) -> None
         by_answer(prompts=["q"], completions=[RIGHT], solution=["42"], trainer_state=None)
     format_only = make_trl_reward(server.url, reward="format", ground_truth_column=None, api_key=KEY)
     assert format_only(prompts=["q", "q"], completions=[RIGHT, WRONG]) == [1.0, 0.0]
+
+
+def test_trl_reward_passes_the_prompt_and_data_source(server: Service) -> None:
+    reward = make_trl_reward(server.url, reward="context", ground_truth_column=None, api_key=KEY)
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+    ]
+    completions = ["r", [{"role": "assistant", "content": "r"}]]
+    prompt = "Be brief.\n<image>What colour?"
+    assert reward(["What is x?", conversation], completions) == [len("What is x?"), len(prompt)]
+    # A dataset's data_source column, as verl-style datasets have.
+    assert reward(["ab", "ab"], ["r", "r"], data_source=["geo", "chart"]) == [1002.0, 2.0]
 
 
 def tiny_causal_lm(folder: Path) -> Path:
@@ -179,7 +208,7 @@ def test_grpo_trainer_trains_on_the_servers_rewards(server: Service, causal_lm: 
         math_reward(item.response, "42") + 0.5 * length_penalty(item.response, "42", max_chars=8)
         for item in items
     ]
-    assert [item.ground_truth for item in items] == ["42"] * 4
+    assert [(item.ground_truth, item.prompt) for item in items] == [("42", "What is 6 x 7?")] * 4
     assert [r.reward for r in results] == pytest.approx(expected, abs=1e-12)
     assert any(r.reward > 0 for r in results)  # so that the checks below can tell
     logs = trainer.state.log_history[0]
@@ -200,6 +229,7 @@ def test_verl_compute_score_finds_the_server_in_the_environment() -> None:
     assert compute_score("math", "no answer at all", "7") == 0.0
     assert compute_score("mc", "The answer is (B).", "B", reward="choice") == 1.0
     assert compute_score("chat", RIGHT, None, reward="format") == 1.0  # no ground truth in the data
+    assert compute_score("geo", "r", None, reward="context") == 1000.0  # the data source, and no prompt
     # The batched form, given what verl's batch reward manager passes: numpy arrays of objects.
     sources = np.array(["a", "b", "c"], dtype=object)
     solutions = np.array([RIGHT, WRONG, UNFORMATTED_RIGHT], dtype=object)
@@ -207,6 +237,8 @@ def test_verl_compute_score_finds_the_server_in_the_environment() -> None:
     extras = np.array([None, {}, {"split": "train"}], dtype=object)
     assert compute_score_batch(sources, solutions, truths, extras) == [1.0, 0.0, 0.9]
     assert compute_score_batch(sources, solutions, truths, extras, reward="math") == [1.0, 0.0, 1.0]
+    geo = np.array(["geo", "chart", "geo"], dtype=np.str_)
+    assert compute_score_batch(geo, solutions, truths, extras, reward="context") == [1000.0, 0.0, 1000.0]
 
 
 @pytest.mark.usefixtures("keyed")
@@ -229,6 +261,7 @@ def test_verl_loads_compute_score_from_the_files_path() -> None:
 def test_verl_factory_and_a_missing_url(server: Service, monkeypatch: pytest.MonkeyPatch) -> None:
     score = make_verl_compute_score(server.url, reward="math", api_key=KEY)
     assert [score("d", RIGHT, "42"), score("d", WRONG, "42", None)] == [1.0, 0.0]
+    assert make_verl_compute_score(server.url, reward="context", api_key=KEY)("geo", "r", None) == 1000.0
     monkeypatch.delenv(URL_ENV, raising=False)
     with pytest.raises(RewardServerError, match=f"set {URL_ENV}="):
         compute_score("d", RIGHT, "42")
