@@ -8,6 +8,8 @@ import time
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from rollout_server.backend import GenerationBackend
 from rollout_server.config import RolloutSettings
@@ -19,10 +21,14 @@ from shared.http import cancel_on_disconnect
 from shared.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
     RolloutRequest,
     RolloutResponse,
+    TokenizeRequest,
+    TokenizeResponse,
     WeightsStatus,
     WeightsUpdate,
 )
@@ -76,12 +82,49 @@ def create_app(settings: RolloutSettings, backend: GenerationBackend | None = No
         """Sample ``n`` responses per prompt, with its perturbed views, tagged with the policy version."""
         return await cancel_on_disconnect(request, rollouts.rollouts(body))
 
-    @app.post("/v1/chat/completions", tags=["openai"])
+    @app.post(
+        "/v1/chat/completions",
+        tags=["openai"],
+        response_model=ChatCompletion,
+        responses={
+            200: {
+                "description": "The completion; with stream=true, server-sent events instead.",
+                "content": {
+                    "text/event-stream": {
+                        "schema": {
+                            "type": "string",
+                            "description": "Events 'data: {chunk}', each chunk a chat.completion.chunk "
+                            "(ChatCompletionChunk in shared/schemas.py), then 'data: [DONE]'.",
+                        }
+                    }
+                },
+            }
+        },
+    )
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, rollouts: Service
-    ) -> ChatCompletion:
-        """OpenAI-compatible chat completion, images as ``image_url`` parts."""
-        return await cancel_on_disconnect(request, rollouts.chat(body))
+    ) -> ChatCompletion | StreamingResponse:
+        """OpenAI-compatible chat completion, images as ``image_url`` parts; streamed with ``stream``.
+
+        A refused request is a 4xx before any event is sent."""
+        if not body.stream:
+            return await cancel_on_disconnect(request, rollouts.chat(body))
+        events = await cancel_on_disconnect(request, rollouts.chat_stream(body))
+        # The background task also stops a stream whose client left before its first event was sent.
+        return StreamingResponse(
+            events, media_type="text/event-stream", background=BackgroundTask(events.aclose)
+        )
+
+    @app.post("/tokenize", tags=["openai"])
+    async def tokenize(body: TokenizeRequest, rollouts: Service) -> TokenizeResponse:
+        """vLLM's tokenizer route: the tokens of a prompt, or of chat messages as a chat completion renders
+        them, images expanded into their tokens."""
+        return await rollouts.tokenize(body)
+
+    @app.post("/detokenize", tags=["openai"])
+    async def detokenize(body: DetokenizeRequest, rollouts: Service) -> DetokenizeResponse:
+        """vLLM's detokenizer route: the text of token ids, special tokens included."""
+        return await rollouts.detokenize(body)
 
     @app.get("/v1/weights", tags=["weights"])
     async def weights(rollouts: Service) -> WeightsStatus:

@@ -2,12 +2,14 @@
 
 A backend turns one rendered prompt (chat template applied, one ``<|vision_start|><|image_pad|>
 <|vision_end|>`` placeholder per image) plus its images into ``n`` sampled responses with the
-log-probs of the distribution they were sampled from. It knows nothing of HTTP, views or versions'
-bookkeeping: ``rollout_server.service`` does that, and holds the lock that makes weight swaps atomic.
+log-probs of the distribution they were sampled from, all at once or token by token. It knows nothing
+of HTTP, views or versions' bookkeeping: ``rollout_server.service`` does that, and holds the lock that
+makes weight swaps atomic.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -68,6 +70,31 @@ class Generation:
     samples: list[GeneratedSample] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class PromptTokens:
+    """The first event of a stream: the prompt's tokens, image placeholders expanded."""
+
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class SampleDelta:
+    """What one sample of a stream added since its last delta: tokens as in ``GeneratedSample``, and the text
+    they made certain. Text that may still turn out to begin a stop string, or the first bytes of a character,
+    is held back until it cannot; so a sample's deltas, concatenated, are what ``generate`` returns for it.
+    The sample's last delta carries its ``finish_reason``, and may hold no tokens."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: FinishReason | None = None
+
+
+StreamEvent = PromptTokens | SampleDelta
+
+
 class PromptTooLongError(ValueError):
     """The prompt leaves no room to generate within the model's context."""
 
@@ -94,6 +121,16 @@ class GenerationBackend(Protocol):
 
     async def generate(self, request: GenerationRequest) -> Generation:
         """Sample ``request.n`` responses. Cancelling the awaiting task frees the request's slot."""
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """``generate``, as the tokens are drawn: a ``PromptTokens`` once the prompt is accepted (a prompt too
+        long raises before it), then each sample's ``SampleDelta``s, samples interleaved. The same seed gives
+        the same samples as ``generate``. Closing the iterator, or cancelling its consumer, frees the slot."""
+
+    async def tokenize(
+        self, prompt: str, images: tuple[Image.Image, ...], add_special_tokens: bool
+    ) -> list[int]:
+        """The tokens ``generate`` feeds the model for this prompt: each image placeholder expanded."""
 
     async def load_weights(self, folder: Path) -> None:
         """Replace the weights with those of a Hugging Face checkpoint folder of the same architecture."""

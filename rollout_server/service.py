@@ -1,5 +1,5 @@
 """What the rollout server does, behind its routes: rollouts with perturbed views, OpenAI chat
-completions, and versioned weight swaps.
+completions (whole or streamed), vLLM's tokenizer routes, and versioned weight swaps.
 
 Generation and weight swaps share a ``VersionGate``: every request generates under one set of weights
 from start to end, and a swap waits for running requests to finish while holding new ones back. So
@@ -9,13 +9,14 @@ no sample mixes two versions, and the version a sample reports is the one that m
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import shutil
 import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -27,12 +28,16 @@ from rollout_server.backend import (
     Generation,
     GenerationBackend,
     GenerationRequest,
+    PromptTokens,
     PromptTooLongError,
+    SampleDelta,
     SamplingSpec,
+    StreamEvent,
     WeightsLoadError,
 )
 from rollout_server.config import RolloutSettings
 from rollout_server.metrics import RolloutMetrics
+from rollout_server.openai_stream import ChunkWriter, EventStream, choice_logprobs, usage
 from rollout_server.weights import WeightsStager
 from shared.http import ServiceError
 from shared.images import ImageError, ImageLimits, decode_image_url, encode_image_data_url
@@ -43,7 +48,8 @@ from shared.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     ChatMessage,
-    ChoiceLogprobs,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ImagePart,
     PerturbedView,
     PromptRollout,
@@ -52,12 +58,13 @@ from shared.schemas import (
     RolloutRequest,
     RolloutResponse,
     Sample,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
+    TokenizeRequest,
+    TokenizeResponse,
     WeightsStatus,
 )
 from shared.vlm import chat_template_messages
+
+log = logging.getLogger("cppo.rollout")
 
 DEFAULT_CHAT_MAX_TOKENS = 1024
 _IMAGE_ERROR_STATUS = {"too_large": 413, "too_many_pixels": 413}
@@ -197,6 +204,27 @@ class RolloutService:
             self.metrics.samples.labels(sample.finish_reason).inc()
         return generation
 
+    async def _stream(self, request: GenerationRequest, field: str) -> AsyncIterator[StreamEvent]:
+        """``backend.stream`` with ``_generate``'s refusals and accounting, token by token."""
+        self.metrics.queue_depth.inc()
+        finished = 0
+        try:
+            async with aclosing(self.backend.stream(request)) as events:
+                async for event in events:
+                    if isinstance(event, SampleDelta):
+                        self.metrics.generated_tokens.inc(len(event.token_ids))
+                        if event.finish_reason is not None:
+                            finished += 1
+                            self.metrics.samples.labels(event.finish_reason).inc()
+                    yield event
+        except PromptTooLongError as error:
+            raise ServiceError(400, field, "context_length_exceeded", str(error)) from error
+        except (asyncio.CancelledError, GeneratorExit):
+            self.metrics.samples.labels("abort").inc(request.n - finished)
+            raise
+        finally:
+            self.metrics.queue_depth.dec()
+
     @asynccontextmanager
     async def _admitted(self, sequences: int) -> AsyncIterator[None]:
         """Back-pressure: a request whose sequences would take the queue past its limit is refused at once
@@ -310,30 +338,44 @@ class RolloutService:
             for index, (image, spec) in enumerate(made)
         ]
 
-    def _render(self, messages: Sequence[ChatMessage]) -> str:
+    def _render(
+        self,
+        messages: Sequence[ChatMessage],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> str:
         return self.backend.tokenizer.apply_chat_template(
-            chat_template_messages(messages), tokenize=False, add_generation_prompt=True
+            chat_template_messages(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.name():
+            raise ServiceError(
+                404,
+                "model",
+                "model_not_found",
+                f"model {model!r} is not served here; use {self.settings.name()!r}",
+            )
+
+    async def _decode_images(self, messages: Sequence[ChatMessage]) -> list[Image.Image]:
+        return await asyncio.to_thread(
+            decode_message_images,
+            messages,
+            self.settings.image_limits(),
+            self.settings.max_images_per_prompt,
+            "messages",
         )
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
         async with self._admitted(request.n):
             return await self._chat(request)
 
-    async def _chat(self, request: ChatCompletionRequest) -> ChatCompletion:
-        if request.model is not None and request.model != self.settings.name():
-            raise ServiceError(
-                404,
-                "model",
-                "model_not_found",
-                f"model {request.model!r} is not served here; use {self.settings.name()!r}",
-            )
-        images = await asyncio.to_thread(
-            decode_message_images,
-            request.messages,
-            self.settings.image_limits(),
-            self.settings.max_images_per_prompt,
-            "messages",
-        )
+    async def _chat_request(self, request: ChatCompletionRequest) -> GenerationRequest:
+        self._check_model(request.model)
+        images = await self._decode_images(request.messages)
         sampling = SamplingSpec(
             temperature=request.temperature,
             top_p=request.top_p,
@@ -343,57 +385,121 @@ class RolloutService:
             seed=request.seed,
             top_logprobs=request.top_logprobs or 0,
         )
-        generation_request = GenerationRequest(
-            self._render(request.messages), tuple(images), request.n, sampling
-        )
+        return GenerationRequest(self._render(request.messages), tuple(images), request.n, sampling)
+
+    async def _chat(self, request: ChatCompletionRequest) -> ChatCompletion:
+        generation_request = await self._chat_request(request)
         async with self.gate.reading():
             generation = await self._generate(generation_request, "messages")
+        tokenizer = self.backend.tokenizer
         choices = [
             ChatChoice(
                 index=index,
                 message=AssistantMessage(content=sample.text),
                 finish_reason=sample.finish_reason,
-                logprobs=self._choice_logprobs(sample) if request.logprobs else None,
+                logprobs=choice_logprobs(tokenizer, sample.token_ids, sample.logprobs, sample.top_logprobs)
+                if request.logprobs
+                else None,
+                token_ids=sample.token_ids if request.return_token_ids else None,
             )
             for index, sample in enumerate(generation.samples)
         ]
         completion_tokens = sum(len(s.token_ids) for s in generation.samples)
-        prompt_tokens = len(generation.prompt_token_ids)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=self.settings.name(),
             choices=choices,
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=usage(len(generation.prompt_token_ids), completion_tokens),
+            prompt_token_ids=generation.prompt_token_ids if request.return_token_ids else None,
         )
 
-    def _choice_logprobs(self, sample) -> ChoiceLogprobs:
+    async def chat_stream(self, request: ChatCompletionRequest) -> EventStream:
+        """The chat completion as server-sent events. Whatever refuses the request (its model, back-pressure,
+        its images, a prompt too long) raises before this returns, for a 4xx; the events then come as the
+        tokens are drawn. Closing the stream, as a client's disconnect does, aborts the generation."""
+        events: asyncio.Queue[str | None] = asyncio.Queue()
+        producer = asyncio.ensure_future(self._chat_events(request, events))
+        try:
+            first = await events.get()
+            if first is None:
+                await producer  # raises why the request was refused
+                raise RuntimeError("the chat stream ended before it began")
+        except BaseException:
+            producer.cancel()
+            raise
+        return EventStream(first, events, producer)
+
+    async def _chat_events(self, request: ChatCompletionRequest, events: asyncio.Queue[str | None]) -> None:
+        """Puts the stream's events in ``events``, then None. Raises only before the first event."""
+        try:
+            async with self._admitted(request.n):
+                generation_request = await self._chat_request(request)
+                writer = ChunkWriter(request, self.settings.name(), self.backend.tokenizer)
+                async with (
+                    self.gate.reading(),
+                    aclosing(self._stream(generation_request, "messages")) as stream,
+                ):
+                    prompt = await anext(stream)
+                    if not isinstance(prompt, PromptTokens):
+                        raise RuntimeError(f"the backend's stream began with {prompt!r}")
+                    for item in writer.start(prompt):
+                        events.put_nowait(item)
+                    try:
+                        async for delta in stream:
+                            if isinstance(delta, SampleDelta):
+                                for item in writer.delta(delta):
+                                    events.put_nowait(item)
+                    except Exception:
+                        log.exception("a streamed chat completion failed after its first event")
+                        for item in writer.failed():
+                            events.put_nowait(item)
+                        return
+                    for item in writer.end():
+                        events.put_nowait(item)
+        finally:
+            events.put_nowait(None)
+
+    # --- tokenizer -------------------------------------------------------------------------------
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        self._check_model(request.model)
         tokenizer = self.backend.tokenizer
-        special = set(tokenizer.all_special_ids)
-        content = []
-        for t, (token_id, logprob) in enumerate(zip(sample.token_ids, sample.logprobs, strict=True)):
-            if token_id in special:
-                continue
-            token = tokenizer.decode([token_id])
-            alternatives = (sample.top_logprobs or [{}] * len(sample.token_ids))[t]
-            content.append(
-                TokenLogprob(
-                    token=token,
-                    logprob=logprob,
-                    bytes=list(token.encode()),
-                    top_logprobs=[
-                        TopLogprob(
-                            token=(text := tokenizer.decode([i])), logprob=lp, bytes=list(text.encode())
-                        )
-                        for i, lp in alternatives.items()
-                    ],
-                )
+        if request.messages is None:
+            add_special_tokens = True if request.add_special_tokens is None else request.add_special_tokens
+            tokens = await asyncio.to_thread(
+                lambda: tokenizer.encode(request.prompt or "", add_special_tokens=add_special_tokens)
             )
-        return ChoiceLogprobs(content=content)
+        else:
+            images = await self._decode_images(request.messages)
+            try:
+                text = self._render(
+                    request.messages, request.add_generation_prompt, request.continue_final_message
+                )
+            except ValueError as error:
+                # The chat template's own refusals, e.g. a final message with no text to continue.
+                raise ServiceError(422, "messages", "bad_messages", str(error)) from error
+            tokens = await self.backend.tokenize(text, tuple(images), bool(request.add_special_tokens))
+        return TokenizeResponse(
+            count=len(tokens),
+            max_model_len=self.backend.max_model_len,
+            tokens=tokens,
+            token_strs=tokenizer.convert_ids_to_tokens(tokens) if request.return_token_strs else None,
+        )
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(request.model)
+        tokenizer = self.backend.tokenizer
+        vocabulary = len(tokenizer)
+        for index, token in enumerate(request.tokens):
+            if token >= vocabulary:
+                raise ServiceError(
+                    422,
+                    f"tokens.{index}",
+                    "unknown_token",
+                    f"token {token} is not in the tokenizer's vocabulary of {vocabulary}",
+                )
+        return DetokenizeResponse(prompt=await asyncio.to_thread(tokenizer.decode, request.tokens))
 
     # --- weights ---------------------------------------------------------------------------------
 

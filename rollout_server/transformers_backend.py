@@ -9,6 +9,9 @@ draws each token by the Gumbel-max trick (argmax of log-probs plus Gumbel noise 
 generator is an exact draw from the softmax) and hands ``generate`` a one-hot score, so ``generate``
 runs greedy and only keeps the KV cache and the M-RoPE positions. A seeded sample is then the same
 whichever requests share its batch.
+
+A streamed request rides the same batches: after each step, ``RowReporter`` hands the tokens its sequences
+drew to the request's own queue, from the generate thread, and ``stream`` turns them into deltas.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import asyncio
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from rollout_server.backend import (
@@ -30,8 +34,11 @@ from rollout_server.backend import (
     GeneratedSample,
     Generation,
     GenerationRequest,
+    PromptTokens,
     PromptTooLongError,
+    SampleDelta,
     SamplingSpec,
+    StreamEvent,
     WeightsLoadError,
 )
 from shared.vlm import load_model, load_processor, suppressed_token_ids
@@ -148,6 +155,82 @@ class RowStopper(StoppingCriteria):
         return text[: min(positions)[0]] if positions else None
 
 
+@dataclass(frozen=True)
+class _Drawn:
+    """A token one sequence of a streamed request drew, as the generate thread reports it."""
+
+    index: int
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] | None
+    finished: GeneratedSample | None
+    """The whole sample, once this token ended it."""
+
+
+class RowReporter(StoppingCriteria):
+    """After ``RowStopper`` has judged a step, reports each streamed sequence's new token to its request's
+    ``listener`` (one call per request and step). It never stops a sequence itself."""
+
+    def __init__(
+        self,
+        rows: list[_Row],
+        owners: list[int],
+        indices: list[int],
+        listeners: list[Callable[[list[_Drawn]], None] | None],
+        finished: Callable[[_Row], GeneratedSample],
+    ) -> None:
+        self.rows, self.owners, self.indices = rows, owners, indices
+        self.listeners = listeners
+        self.finished = finished
+        self.reported = [0] * len(rows)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        drawn: dict[int, list[_Drawn]] = {}
+        for i, row in enumerate(self.rows):
+            if self.listeners[self.owners[i]] is None or len(row.tokens) == self.reported[i]:
+                continue
+            self.reported[i] = len(row.tokens)
+            top = row.top_logprobs[-1] if row.sampling.top_logprobs else None
+            done = self.finished(row) if row.finish_reason is not None else None
+            step = _Drawn(self.indices[i], row.tokens[-1], row.logprobs[-1], top, done)
+            drawn.setdefault(self.owners[i], []).append(step)
+        for owner, steps in drawn.items():
+            listener = self.listeners[owner]
+            if listener is not None:
+                listener(steps)
+        return torch.zeros(len(self.rows), dtype=torch.bool)
+
+
+class _StreamedText:
+    """One streamed sample's text, handed out as it becomes certain. It is decoded over a window of recent
+    tokens, as vLLM's incremental detokenizer does, so that a long sample costs linear time; a character
+    whose bytes are still arriving, and the characters that may begin a stop string, are held back."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str]) -> None:
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.prefix = self.read = 0
+        self.text = ""
+        self.sent = 0
+        self.held = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, token_id: int) -> str:
+        """The text that ``token_id`` made certain."""
+        self.tokens.append(token_id)
+        before = self.decode(self.tokens[self.prefix : self.read])
+        after = self.decode(self.tokens[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.tokens)
+        end = max(self.sent, len(self.text) - self.held)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta
+
+    def finish(self, text: str) -> str:
+        """What is left of the sample's final text (cut before its stop string)."""
+        return text[self.sent :]
+
+
 @dataclass
 class _Pending:
     """A request waiting for, or in, a batch."""
@@ -156,6 +239,8 @@ class _Pending:
     inputs: dict[str, torch.Tensor]
     max_tokens: int
     future: asyncio.Future[Generation]
+    listener: Callable[[list[_Drawn]], None] | None = None
+    """Streamed requests: called from the generate thread with each step's tokens."""
 
 
 class TransformersBackend:
@@ -215,20 +300,77 @@ class TransformersBackend:
         self.model = model
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        inputs = await asyncio.to_thread(self._prepare, request)
+        inputs = await asyncio.to_thread(self._prepare, request.prompt, request.images)
+        future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(request, inputs, self._budget(request, inputs), future))
+        return await future
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        inputs = await asyncio.to_thread(self._prepare, request.prompt, request.images)
+        budget = self._budget(request, inputs)
+        loop = asyncio.get_running_loop()
+        # Steps, then None once the batch is over (the future's callback runs after every step's report).
+        drawn: asyncio.Queue[list[_Drawn] | None] = asyncio.Queue()
+        future: asyncio.Future[Generation] = loop.create_future()
+        future.add_done_callback(lambda _: drawn.put_nowait(None))
+
+        def report(steps: list[_Drawn]) -> None:
+            loop.call_soon_threadsafe(drawn.put_nowait, steps)
+
+        texts = [_StreamedText(self._decode, request.sampling.stop) for _ in range(request.n)]
+        finished = [False] * request.n
+        try:
+            await self._queue.put(_Pending(request, inputs, budget, future, report))
+            yield PromptTokens(_unpadded(inputs))
+            while (steps := await drawn.get()) is not None:
+                for step in steps:
+                    text = texts[step.index]
+                    done = step.finished
+                    yield SampleDelta(
+                        index=step.index,
+                        token_ids=[step.token_id],
+                        logprobs=[step.logprob],
+                        text=text.add(step.token_id) if done is None else text.finish(done.text),
+                        top_logprobs=None if step.top_logprobs is None else [step.top_logprobs],
+                        finish_reason=None if done is None else done.finish_reason,
+                    )
+                    finished[step.index] = done is not None
+            # A sequence the batch ended without a verdict of its own ends here (raises the batch's error).
+            for index, sample in enumerate(future.result().samples):
+                if not finished[index]:
+                    text = texts[index].finish(sample.text)
+                    yield SampleDelta(index, [], [], text, finish_reason=sample.finish_reason)
+        finally:
+            # Its sequences stop at the next step (RowStopper's abort).
+            future.cancel()
+
+    async def tokenize(
+        self, prompt: str, images: tuple[Image.Image, ...], add_special_tokens: bool
+    ) -> list[int]:
+        inputs = await asyncio.to_thread(self._prepare, prompt, images, add_special_tokens)
+        return _unpadded(inputs)
+
+    def _budget(self, request: GenerationRequest, inputs: dict[str, torch.Tensor]) -> int:
+        """The most tokens each sample may generate: its own limit, or the room the context leaves."""
         prompt_len = int(inputs["input_ids"].shape[1])
         room = self.max_model_len - prompt_len
         if room < 1:
             raise PromptTooLongError(
                 f"the prompt is {prompt_len} tokens; the model's context is {self.max_model_len}"
             )
-        future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(request, inputs, min(request.sampling.max_tokens, room), future))
-        return await future
+        return min(request.sampling.max_tokens, room)
 
-    def _prepare(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
-        images = list(request.images) or None
-        return dict(self.processor(text=[request.prompt], images=images, return_tensors="pt"))
+    def _prepare(
+        self, prompt: str, images: Sequence[Image.Image], add_special_tokens: bool = True
+    ) -> dict[str, torch.Tensor]:
+        return dict(
+            self.processor(
+                text=[prompt],
+                images=list(images) or None,
+                add_special_tokens=add_special_tokens,
+                return_tensors="pt",
+            )
+        )
 
     async def _run_batches(self) -> None:
         loop = asyncio.get_running_loop()
@@ -258,7 +400,7 @@ class TransformersBackend:
                     pending.future.set_result(result)
 
     def _generate_batch(self, batch: list[_Pending]) -> list[Generation]:
-        rows, owners = [], []
+        rows, owners, indices = [], [], []
         for owner, pending in enumerate(batch):
             sampling = pending.request.sampling
             budget = SamplingSpec(**{**sampling.__dict__, "max_tokens": pending.max_tokens})
@@ -266,6 +408,7 @@ class TransformersBackend:
                 generator = torch.Generator().manual_seed(sample_seed(sampling.seed, index))
                 rows.append(_Row(budget, generator))
                 owners.append(owner)
+                indices.append(index)
         inputs = _merge([p.inputs for p in batch], [p.request.n for p in batch], self.tokenizer.pad_token_id)
         model = self.model
         with torch.no_grad():
@@ -281,7 +424,8 @@ class TransformersBackend:
                             self.eos_ids,
                             self._decode,
                             lambda i: batch[owners[i]].future.done(),
-                        )
+                        ),
+                        RowReporter(rows, owners, indices, [p.listener for p in batch], self._sample),
                     ]
                 ),
                 pad_token_id=self.tokenizer.pad_token_id,

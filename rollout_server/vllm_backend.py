@@ -14,6 +14,9 @@ What the caller gets, and why:
   ``rollout_server.vllm_worker``), which re-runs the backend-specific weight processing (CPU GEMM
   prepacking, quantisation) that a bare ``model.load_weights`` would bypass, leaving the engine
   computing with the old packed weights.
+- vLLM's own Prometheus metrics (``vllm:*``, in prometheus_client's global registry) without its periodic
+  stats lines: ``PrometheusStatLogger`` is the only stat logger. ``VLLMMetrics`` puts them in the service's
+  registry, so that ``/metrics`` shows them beside the server's own.
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+from prometheus_client import REGISTRY
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from safetensors import safe_open
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMValidationError
@@ -37,17 +45,21 @@ from vllm.logprobs import FlatLogprobs
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from rollout_server.backend import (
     FinishReason,
     GeneratedSample,
     Generation,
     GenerationRequest,
+    PromptTokens,
     PromptTooLongError,
+    SampleDelta,
     SamplingSpec,
+    StreamEvent,
     WeightsLoadError,
 )
-from shared.vlm import VISION_PLACEHOLDER_TOKENS
+from shared.vlm import VISION_PLACEHOLDER_TOKENS, load_processor
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +105,7 @@ class VLLMBackend:
         self.max_model_len = max_model_len or 0  # the engine's value once started
         self.max_images_per_prompt = max_images_per_prompt
         self.tokenizer: PreTrainedTokenizerBase
+        self._processor: ProcessorMixin
         args: dict[str, Any] = {
             "model": model,
             "tokenizer": model,
@@ -107,7 +120,7 @@ class VLLMBackend:
             "limit_mm_per_prompt": {"image": max_images_per_prompt, "video": 0},
             "logprobs_mode": "processed_logprobs",
             "enable_prefix_caching": enable_prefix_caching,
-            # The service exports its own metrics; vLLM's periodic stats lines only add noise.
+            # vLLM's periodic stats lines only add noise; its Prometheus logger is asked for in start().
             "disable_log_stats": True,
             "worker_extension_cls": WORKER_EXTENSION,
         }
@@ -142,7 +155,9 @@ class VLLMBackend:
         """
         if self._engine is not None:
             return
-        engine = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args)
+        engine = await asyncio.to_thread(
+            AsyncLLM.from_engine_args, self._engine_args, stat_loggers=[PrometheusStatLogger]
+        )
         try:
             # The first utility call starts the engine's output task on this loop, so that an engine
             # failure before the first request is noticed.
@@ -150,6 +165,8 @@ class VLLMBackend:
             if "generate" not in tasks:
                 raise ValueError(f"{self.model_id} is not a generative model (vLLM supports {tasks})")
             self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_id)
+            # For /tokenize: the engine's prompt tokens are the processor's (the contract tests check it).
+            self._processor = await asyncio.to_thread(load_processor, self.model_id)
         except BaseException:
             engine.shutdown()
             raise
@@ -178,6 +195,50 @@ class VLLMBackend:
         Cancelling the awaiting task aborts the request in the engine (vLLM's ``generate`` does
         that when the cancellation reaches it), which frees its slots and KV blocks.
         """
+        final: RequestOutput | None = None
+        async for output in self._outputs(request, RequestOutputKind.FINAL_ONLY):
+            final = output
+        if final is None or not final.finished:
+            raise RuntimeError("vLLM returned no final output")
+        completions = sorted(final.outputs, key=lambda c: c.index)
+        if _greedy(request):
+            completions = completions * request.n
+        samples = [_sample(completion, request.sampling.top_logprobs) for completion in completions]
+        if len(samples) != request.n:
+            raise RuntimeError(f"vLLM returned {len(samples)} samples for n={request.n}")
+        return Generation(prompt_token_ids=list(final.prompt_token_ids or ()), samples=samples)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """``generate``, one delta per sample and engine step. vLLM holds back text that may begin a stop
+        string itself. The prompt's tokens come with the first output, after the first step."""
+        started = False
+        k = request.sampling.top_logprobs
+        async for output in self._outputs(request, RequestOutputKind.DELTA):
+            if not started:
+                started = True
+                yield PromptTokens(list(output.prompt_token_ids or ()))
+            for completion in output.outputs:
+                token_ids = list(completion.token_ids)
+                logprobs, top = _logprobs(completion, token_ids, k) if token_ids else ([], [] if k else None)
+                reason = _finish_reason(completion) if completion.finished() else None
+                for index in range(request.n) if _greedy(request) else (completion.index,):
+                    yield SampleDelta(index, token_ids, logprobs, completion.text, top, reason)
+
+    async def tokenize(
+        self, prompt: str, images: tuple[Image.Image, ...], add_special_tokens: bool
+    ) -> list[int]:
+        def encode() -> list[int]:
+            inputs = self._processor(
+                text=[prompt], images=list(images) or None, add_special_tokens=add_special_tokens
+            )
+            return list(inputs["input_ids"][0])
+
+        return await asyncio.to_thread(encode)
+
+    async def _outputs(
+        self, request: GenerationRequest, kind: RequestOutputKind
+    ) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for the request; refusals as the ``GenerationBackend`` protocol says."""
         engine = self.engine
         if self._weights_broken is not None:
             raise RuntimeError(self._weights_broken)
@@ -191,35 +252,23 @@ class VLLMBackend:
         prompt: dict[str, Any] = {"prompt": request.prompt}
         if request.images:
             prompt["multi_modal_data"] = {"image": list(request.images)}
-        # vLLM refuses n > 1 under greedy sampling. Greedy samples are all the same one, so draw it once and
-        # hand out n copies, as the transformers backend's n identical greedy runs would.
-        greedy = request.sampling.temperature == 0
-        params = self._sampling_params(request.sampling, 1 if greedy else request.n)
+        params = self._sampling_params(request.sampling, 1 if _greedy(request) else request.n, kind)
         request_id = f"cppo-{self._run_id}-{next(self._request_ids)}"
-
-        final: RequestOutput | None = None
         try:
             # A prompt dict (rather than a pre-rendered engine input) is what both supported vLLM
-            # versions accept; vLLM tokenises and processes the images off the event loop.
-            async for output in engine.generate(prompt, params, request_id):
-                final = output
+            # versions accept; vLLM tokenises and processes the images off the event loop. Closed
+            # explicitly, so that a consumer that stops early aborts the request at once.
+            async with aclosing(engine.generate(prompt, params, request_id)) as outputs:
+                async for output in outputs:
+                    yield output
         except VLLMValidationError as error:
             if error.parameter == _PROMPT_TOO_LONG_PARAMETER or any(
                 words in str(error) for words in _PROMPT_TOO_LONG_WORDS
             ):
                 raise PromptTooLongError(str(error)) from error
             raise ValueError(str(error)) from error
-        if final is None or not final.finished:
-            raise RuntimeError(f"vLLM returned no final output for request {request_id}")
-        completions = sorted(final.outputs, key=lambda c: c.index)
-        if greedy:
-            completions = completions * request.n
-        samples = [_sample(completion, request.sampling.top_logprobs) for completion in completions]
-        if len(samples) != request.n:
-            raise RuntimeError(f"vLLM returned {len(samples)} samples for n={request.n}")
-        return Generation(prompt_token_ids=list(final.prompt_token_ids or ()), samples=samples)
 
-    def _sampling_params(self, spec: SamplingSpec, n: int) -> SamplingParams:
+    def _sampling_params(self, spec: SamplingSpec, n: int, kind: RequestOutputKind) -> SamplingParams:
         # vLLM's "off" for top-k is 0; a k at or above the vocabulary is off too, and says so.
         top_k = spec.top_k if 0 < spec.top_k < self._vocab_size else 0
         return SamplingParams(
@@ -236,7 +285,7 @@ class VLLMBackend:
             flat_logprobs=True,
             bad_words=list(self._bad_words) or None,
             skip_special_tokens=True,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            output_kind=kind,
         )
 
     # --- weights -------------------------------------------------------------------------------
@@ -340,18 +389,39 @@ def _single_token_words(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str
     return words
 
 
-def _sample(completion: CompletionOutput, top_logprobs: int) -> GeneratedSample:
-    token_ids = list(completion.token_ids)
-    logprobs, top = _logprobs(completion, token_ids, top_logprobs)
+class VLLMMetrics(Collector):
+    """vLLM's own metrics (``vllm:*``), read from prometheus_client's global registry, where vLLM's
+    ``PrometheusStatLogger`` keeps them, at each scrape; the global registry's other collectors (this
+    process's) are left out."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in REGISTRY.collect():
+            if metric.name.startswith("vllm:"):
+                yield metric
+
+
+def _greedy(request: GenerationRequest) -> bool:
+    """vLLM refuses n > 1 under greedy sampling. Greedy samples are all the same one, so it is drawn once
+    and handed out n times, as the transformers backend's n identical greedy runs would be."""
+    return request.sampling.temperature == 0
+
+
+def _finish_reason(completion: CompletionOutput) -> FinishReason:
     reason = _FINISH_REASONS.get(completion.finish_reason or "")
     if reason is None:
         # "error" is vLLM's retryable internal failure (e.g. a KV transfer); no sample to return.
         raise RuntimeError(f"vLLM finished a sample with finish_reason={completion.finish_reason!r}")
+    return reason
+
+
+def _sample(completion: CompletionOutput, top_logprobs: int) -> GeneratedSample:
+    token_ids = list(completion.token_ids)
+    logprobs, top = _logprobs(completion, token_ids, top_logprobs)
     return GeneratedSample(
         token_ids=token_ids,
         logprobs=logprobs,
         text=completion.text,
-        finish_reason=reason,
+        finish_reason=_finish_reason(completion),
         top_logprobs=top,
     )
 

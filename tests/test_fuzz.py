@@ -65,6 +65,8 @@ ROLLOUT_ROUTES = [
     ("GET", "/v1/models"),
     ("POST", "/v1/rollouts"),
     ("POST", "/v1/chat/completions"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
     ("GET", "/v1/weights"),
     ("POST", "/v1/weights"),
     ("POST", "/v1/weights/tensors"),
@@ -78,6 +80,7 @@ STEERED = {
     ("POST", "/v1/score"),
     ("POST", "/v1/rollouts"),
     ("POST", "/v1/chat/completions"),
+    ("POST", "/tokenize"),
     ("POST", "/v1/weights"),
 }
 
@@ -116,7 +119,7 @@ def realistic(body: Any, data: st.DataObject, pools: Pools) -> None:
     """Replaces, in place, a generated body's free strings that name something with names from ``pools``."""
     if not isinstance(body, dict):
         return
-    # Only the chat body has a top-level "model"; any other name than the served one is a 404.
+    # Only the OpenAI bodies have a top-level "model"; any other name than the served one is a 404.
     body.pop("model", None)
     if "path" in body and pools.checkpoints:
         body["path"] = data.draw(st.sampled_from(pools.checkpoints))

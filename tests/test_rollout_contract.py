@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import subprocess
 import sys
 import time
@@ -316,6 +317,30 @@ def test_the_readmes_openai_example_runs_as_written(server, examples, tmp_path):
     lines = done.stdout.splitlines()
     assert [line.split()[0] for line in lines[0:4:2]] == ["0", "1"]  # each choice, then its first tokens
     assert lines[-1].startswith("CompletionUsage(")
+
+
+def test_the_readmes_streaming_example_runs_as_written(server, tmp_path):
+    pytest.importorskip("openai")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    after = readme.index("With `stream=True` the same call")
+    start = readme.index("```python\n", after) + len("```python\n")
+    code = readme[start : readme.index("```\n", start)]
+    with server.client() as client:
+        served = client.get("/v1/models").json()["data"][0]["id"]
+    code = code.replace("http://localhost:8000/v1", server.url + "/v1").replace(
+        '"artifacts/tiny-qwen2.5-vl"', repr(served)
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # The role chunk, a chunk per token (with its id), the finish chunk, then the usage.
+    assert lines[0] == "0 '' None None" and lines[-1].startswith("CompletionUsage(")
+    assert lines[-2] in ("0 None stop None", "0 None length None")
+    token_ids = [line.rpartition(" ")[2] for line in lines[1:-2]]
+    completion_tokens = int(lines[-1].split("completion_tokens=")[1].split(",")[0])
+    assert len(token_ids) == completion_tokens and all(re.fullmatch(r"\[\d+\]", ids) for ids in token_ids)
 
 
 def test_openai_client_works_unchanged(server, examples):
@@ -718,3 +743,303 @@ def test_unknown_model_names_are_refused_by_chat_completions(server):
             "/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}
         )
     assert response.status_code == 404 and response.json()["error"]["field"] == "model"
+
+
+# --- OpenAI and vLLM compatibility: streaming, token ids, the tokenizer routes, metrics ----------
+
+
+def _chat(server, body: dict) -> dict:
+    with server.client(timeout=120) as client:
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _streamed(server, body: dict) -> list[dict]:
+    """The chunks of a streamed chat completion, after checking the events' framing and the final [DONE]."""
+    with (
+        server.client(timeout=120) as client,
+        client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response,
+    ):
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def _assembled(chunks: list[dict], n: int) -> list[dict]:
+    """Each choice put together from its chunks, after checking their order: the role first, the finish
+    reason last, nothing after it."""
+    choices = [{"text": "", "token_ids": [], "logprobs": [], "finish_reason": None} for _ in range(n)]
+    seen_role = [False] * n
+    for chunk in chunks:
+        assert chunk["object"] == "chat.completion.chunk" and chunk["id"] == chunks[0]["id"]
+        for part in chunk["choices"]:
+            choice, index = choices[part["index"]], part["index"]
+            assert choice["finish_reason"] is None, f"choice {index} has a chunk after its finish reason"
+            if not seen_role[index]:
+                assert part["delta"] == {"role": "assistant", "content": ""}, part
+                seen_role[index] = True
+                continue
+            assert "role" not in part["delta"]
+            choice["text"] += part["delta"].get("content", "")
+            choice["token_ids"] += part["token_ids"] or []
+            choice["logprobs"] += (part["logprobs"] or {"content": []})["content"]
+            if part["finish_reason"] is not None:
+                assert part["delta"] == {}
+                choice["finish_reason"] = part["finish_reason"]
+    assert all(choice["finish_reason"] for choice in choices), choices
+    return choices
+
+
+def _image_chat(image: Image.Image, **fields) -> dict:
+    content = [
+        {"type": "image_url", "image_url": {"url": encode_image_data_url(image)}},
+        {"type": "text", "text": "What colour is the shape?"},
+    ]
+    return {"messages": [{"role": "user", "content": content}], **fields}
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 12}])
+def test_a_streamed_chat_completion_is_the_whole_one_in_pieces(server, examples, sampling):
+    body = _image_chat(
+        examples[0].image,
+        n=2,
+        max_tokens=12,
+        logprobs=True,
+        top_logprobs=2,
+        return_token_ids=True,
+        **sampling,
+    )
+    whole = _chat(server, body)
+    chunks = _streamed(server, {**body, "stream_options": {"include_usage": True}})
+    # The prompt's tokens come once, in the first chunk; the usage alone, in the last.
+    assert chunks[0]["prompt_token_ids"] == whole["prompt_token_ids"]
+    assert all(chunk["prompt_token_ids"] is None for chunk in chunks[1:])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert all(chunk["usage"] is None for chunk in chunks[:-1])
+    streamed = _assembled(chunks[:-1], 2)
+    for piecewise, choice in zip(streamed, whole["choices"], strict=True):
+        assert piecewise["text"] == choice["message"]["content"]
+        assert piecewise["token_ids"] == choice["token_ids"]
+        assert piecewise["finish_reason"] == choice["finish_reason"]
+        assert [t["token"] for t in piecewise["logprobs"]] == [
+            t["token"] for t in choice["logprobs"]["content"]
+        ]
+        assert [t["logprob"] for t in piecewise["logprobs"]] == pytest.approx(
+            [t["logprob"] for t in choice["logprobs"]["content"]], abs=LOGPROB_TOLERANCE[server.backend]
+        )
+        assert all(len(t["top_logprobs"]) == 2 for t in piecewise["logprobs"])
+    completion_tokens = sum(len(choice["token_ids"]) for choice in whole["choices"])
+    assert whole["usage"]["completion_tokens"] == completion_tokens
+    assert whole["usage"]["prompt_tokens"] == len(whole["prompt_token_ids"])
+
+
+def test_a_stop_string_is_held_back_from_the_stream(server):
+    body = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 16, "temperature": 0}
+    text = _chat(server, body)["choices"][0]["message"]["content"]
+    clean = [text[i : i + 3] for i in range(1, len(text) - 2)]
+    stop = next(
+        (s for s in clean if s.strip() and "\ufffd" not in s and s not in text[: text.index(s)]), None
+    )
+    if stop is None:
+        pytest.skip(f"the greedy text {text!r} has no usable stop string")
+    stopped = _chat(server, {**body, "stop": [stop]})["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stopped["message"]["content"] == text[: text.index(stop)]
+    streamed = _assembled(_streamed(server, {**body, "stop": [stop]}), 1)[0]
+    assert streamed["text"] == stopped["message"]["content"] and streamed["finish_reason"] == "stop"
+
+
+def test_the_openai_clients_streaming_api_works(server, examples):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    body = _image_chat(examples[1].image, model=model, n=2, max_tokens=10, temperature=0.9, seed=5)
+    whole = client.chat.completions.create(**body)
+    texts, reasons, usage = ["", ""], [None, None], None
+    for chunk in client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+        usage = chunk.usage or usage
+    assert texts == [choice.message.content for choice in whole.choices]
+    assert reasons == [choice.finish_reason for choice in whole.choices]
+    assert usage == whole.usage
+    # The client's stream helper, which accumulates the chunks into a completion as it reads them.
+    with client.chat.completions.stream(**body) as stream:
+        deltas = [event for event in stream if event.type == "content.delta"]
+        final = stream.current_completion_snapshot
+    assert [choice.message.content for choice in final.choices] == texts
+    assert deltas[-1].snapshot in texts
+
+
+def test_logprobs_line_up_with_completion_tokens_special_tokens_included(server, models):
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "n": 8,
+        "max_tokens": 32,
+        "temperature": 1.0,
+        "seed": 2,
+        "logprobs": True,
+        "return_token_ids": True,
+    }
+    completion = _chat(server, body)
+    tokenizer = load_processor(models["a"]).tokenizer
+    special = set(tokenizer.all_special_ids)
+    for choice in completion["choices"]:
+        entries = choice["logprobs"]["content"]
+        assert [entry["token"] for entry in entries] == [tokenizer.decode([t]) for t in choice["token_ids"]]
+    sampled = [t for choice in completion["choices"] for t in choice["token_ids"]]
+    assert special & set(sampled), "no special token was sampled: the test proves nothing"
+    assert completion["usage"]["completion_tokens"] == len(sampled)
+
+
+def test_tokenize_gives_the_tokens_generation_sees_and_detokenize_inverts_it(server, models, examples):
+    tokenizer = load_processor(models["a"]).tokenizer
+    body = _image_chat(examples[2].image, max_tokens=2, return_token_ids=True)
+    prompt_ids = _chat(server, body)["prompt_token_ids"]
+    text = "What colour is the shape? Red, grün or 青?"
+    with server.client() as client:
+        chat = client.post("/tokenize", json={"messages": body["messages"], "return_token_strs": True}).json()
+        plain = client.post("/tokenize", json={"prompt": text}).json()
+        back = client.post("/detokenize", json={"tokens": plain["tokens"]}).json()
+        specials = client.post("/detokenize", json={"tokens": prompt_ids[:3]}).json()
+    # The image is expanded into its tokens, as the model sees it.
+    assert chat["tokens"] == prompt_ids and chat["count"] == len(prompt_ids) and chat["max_model_len"] == 512
+    assert chat["token_strs"] == tokenizer.convert_ids_to_tokens(prompt_ids)
+    assert prompt_ids.count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) > 1
+    assert plain["tokens"] == tokenizer.encode(text) and plain["token_strs"] is None
+    assert back == {"prompt": text}
+    assert specials["prompt"] == tokenizer.decode(prompt_ids[:3]) and specials["prompt"].startswith(
+        "<|im_start|>"
+    )
+
+
+BAD_OPENAI_REQUESTS = {
+    "an http image URL": (
+        "/v1/chat/completions",
+        {"messages": _with_image("http://example.com/cat.png")["prompts"][0]["messages"], "stream": True},
+        400,
+        "messages.0.content.0.image_url.url",
+        "bad_url",
+    ),
+    "a streamed prompt longer than the context": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "red " * 600}], "stream": True},
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
+    "stream options without a stream": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
+        422,
+        "stream_options",
+        "validation_error",
+    ),
+    "a streamed request for another model": (
+        "/v1/chat/completions",
+        {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        404,
+        "model",
+        "model_not_found",
+    ),
+    "tokenize with a prompt and messages": (
+        "/tokenize",
+        {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]},
+        422,
+        "messages",
+        "validation_error",
+    ),
+    "tokenize with neither": ("/tokenize", {}, 422, "messages", "validation_error"),
+    "tokenize a prompt over the limit": (
+        "/tokenize",
+        {"prompt": "a" * 1_000_001},
+        422,
+        "prompt",
+        "validation_error",
+    ),
+    "tokenize an http image": (
+        "/tokenize",
+        {"messages": _with_image("https://example.com/cat.png")["prompts"][0]["messages"]},
+        400,
+        "messages.0.content.0.image_url.url",
+        "bad_url",
+    ),
+    "detokenize a token past the vocabulary": (
+        "/detokenize",
+        {"tokens": [1, 10**6]},
+        422,
+        "tokens.1",
+        "unknown_token",
+    ),
+    "detokenize a negative token": ("/detokenize", {"tokens": [-1]}, 422, "tokens.0", "validation_error"),
+    "detokenize too many tokens": (
+        "/detokenize",
+        {"tokens": [1] * 163_841},
+        422,
+        "tokens",
+        "validation_error",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPENAI_REQUESTS))
+def test_bad_openai_requests_get_a_json_4xx_naming_the_field_before_any_stream(server, case):
+    path, body, status, field, code = BAD_OPENAI_REQUESTS[case]
+    with server.client() as client:
+        response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert (error["field"], error["code"]) == (field, code), error
+    if code == "bad_url":
+        assert "data: URL (base64)" in error["message"]
+
+
+def test_a_streaming_client_that_disconnects_aborts_its_samples(server):
+    candidates = [_long_request(text) for text in ("Tell a long story.", "hi", "Count.", "Describe it.")]
+    long = next((c for c in candidates if _runs_full_length(server, c)), None)
+    assert long is not None, "every candidate prompt ends early under greedy decoding"
+    body = {"messages": long["prompts"][0]["messages"], "n": 2, "max_tokens": 400, "temperature": 0}
+    before = _metrics(server)
+    aborted = 'cppo_rollout_samples_total{finish_reason="abort"}'
+    generated = "cppo_rollout_generated_tokens_total"
+    with (
+        httpx.Client(base_url=server.url, timeout=120) as client,
+        client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response,
+    ):
+        lines = response.iter_lines()
+        # Leave as soon as a token has arrived: the connection closes with the block.
+        assert any('"content":' in line and '"role"' not in line for line in lines)
+    after = _wait_for_metrics(
+        server,
+        lambda text: metric(text, aborted) - metric(before, aborted) >= 2,
+        "both samples to be aborted",
+    )
+    assert metric(after, aborted) - metric(before, aborted) == 2
+    assert metric(after, generated) - metric(before, generated) < 2 * 400
+    _wait_for_metrics(
+        server, lambda text: metric(text, "cppo_rollout_queue_depth") == 0, "the queue to drain"
+    )
+    assert _chat(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+
+def test_the_engines_own_metrics_are_on_metrics_beside_ours(server):
+    _chat(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0})
+    text = _metrics(server)
+    assert metric(text, "cppo_rollout_generated_tokens_total") > 0
+    if server.backend == "transformers":
+        assert "vllm:" not in text
+        return
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("vllm:")}
+    assert {"vllm:num_requests_running", "vllm:generation_tokens_total", "vllm:prompt_tokens_total"} <= names
+    assert not any(line.startswith(("python_gc_", "process_")) for line in text.splitlines())
+    tokens = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("vllm:generation_tokens_total")
+    )
+    assert tokens >= 3
