@@ -289,7 +289,9 @@ def build_shape(rig: Rig, name: str, configs_by_algorithm: dict[str, TrainConfig
     cppo = configs_by_algorithm["cppo"]
     examples = take_prompts(cppo)
     seed = step_seed(cppo.seed, 1)
-    rollouts, rewards, _ = sample_and_score(cppo, rig.replicas, rig.rewards, examples, seed, passes("cppo"))
+    rollouts, rewards, _, _ = sample_and_score(
+        cppo, rig.replicas, rig.rewards, examples, seed, passes("cppo")
+    )
     batch = ScoredBatch(step=1, examples=examples, rollouts=rollouts, rewards=rewards)
     rows, _, spare = rows_with_advantages(rig.processor, batch, passes("cppo"), cppo)
     suppressed = suppressed_token_ids(rig.processor.tokenizer)
@@ -315,7 +317,7 @@ def run_step(rig: Rig, shape: Shape, algorithm: str) -> Step:
     examples = take_prompts(config)
     taken = time.perf_counter()
     before = rig.handlers()
-    rollouts, rewards, seconds = sample_and_score(
+    rollouts, rewards, seconds, _ = sample_and_score(
         config, rig.replicas, rig.rewards, examples, shape.seed, views
     )
     after = rig.handlers()

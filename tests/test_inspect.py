@@ -85,7 +85,7 @@ def test_the_pages_numbers_are_the_objectives(stack):
     def score(batch, passes):
         return {p: response_logprobs(model, batch, p, torch.float32, 2.0, suppressed) for p in passes}
 
-    examples = evaluation_examples(config.data, 2, config.rollout.views_by)
+    examples = evaluation_examples(config, 2)
     replicas = RolloutReplicas.from_config(config.rollout, [stack["rollout"]])
     rewards = RewardClient.from_config(config.reward, stack["reward"])
     sampled = sample(config, replicas, rewards, examples, seed=5)

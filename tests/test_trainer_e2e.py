@@ -13,9 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 import torch
 import yaml
+from published_data import write_geometry3k, write_saved, write_verl, write_virl39k
 from safetensors.torch import load_file
 from servers import running_server
 
@@ -173,6 +175,68 @@ def test_training_steps_sync_weights_checkpoint_and_export(tmp_path, inputs, ser
     with servers["rollout"].client() as client:
         loaded = client.post("/v1/weights", json={"path": str(out), "version": before + 10})
     assert loaded.status_code == 200, loaded.text
+
+
+# Each published layout, as its fixture holds it, trains for a step and evaluates.
+LAYOUTS = {
+    "virl39k": (write_virl39k, {"holdout": 0.25}),
+    "geometry3k": (write_geometry3k, {}),
+    "verl": (write_verl, {}),
+    "save_to_disk": (write_saved, {}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_each_published_layout_trains_a_step(tmp_path, inputs, servers, layout):
+    write, evaluation = LAYOUTS[layout]
+    config = _config(
+        tmp_path,
+        inputs,
+        [servers["rollout"].url],
+        servers["reward"].url,
+        data={"path": str(write(tmp_path / layout)), "tasks": None},
+        train={"steps": 1},
+        eval={"every": 1, "prompts": 2, "inspect_prompts": 0, **evaluation},
+    )
+    done = _train("--config", str(config))
+    assert done.returncode == 0, done.stderr
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1]
+    trained = metrics[1]
+    assert trained["examples_skipped"] == 0 and trained["rows"] + 4 * trained["groups_dropped"] == 16
+    assert 0.0 <= trained["reward_mean"] <= 1.0 and trained["accuracy_mean"] == trained["reward_mean"]
+    assert all(0.0 <= m["eval_accuracy_greedy"] <= 1.0 for m in metrics)
+    assert len(trained["prompt_ids"]) == 4
+
+
+def test_prompts_a_server_refuses_are_skipped_and_counted(tmp_path, inputs, servers):
+    """One question longer than the model's context (the rollout server's 400), one answer the reward the
+    config picks for its source cannot read (the reward server's 422): each drops its prompt, not the run."""
+    folder = write_virl39k(tmp_path / "virl39k")
+    table = pd.read_parquet(folder / "39Krelease.parquet")
+    table.loc[5, "question"] = "word " * 5000
+    table.loc[6, "source"] = "numbers"
+    table.to_parquet(folder / "39Krelease.parquet")
+    config = _config(
+        tmp_path,
+        inputs,
+        [servers["rollout"].url],
+        servers["reward"].url,
+        data={"path": str(folder), "tasks": None, "shuffle": False, "max_skip_fraction": 0.25},
+        reward={"by_source": {"numbers": "numeric"}},
+        train={"steps": 2, "prompts_per_step": 8, "micro_batch_size": 32},
+    )
+    done = _train("--config", str(config))
+    assert done.returncode == 0, done.stderr
+    metrics = _metrics(tmp_path / "run")
+    # Step 1 goes on with the 6 prompts left; step 2 reads 8 prompts past the skipped rows.
+    assert [(m["examples_skipped"], m["rows"] + 4 * m["groups_dropped"]) for m in metrics] == [
+        (2, 24),
+        (2, 32),
+    ]
+    assert "skipped example virl-5: refused: 400 prompts." in done.stderr
+    assert "skipped example virl-6: refused: 422 items." in done.stderr
+    assert done.stderr.count("skipped example") == 2  # once each, though both epochs met them
 
 
 # A fourth algorithm, added to the table the way a user would: one entry and its term.

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -22,6 +23,7 @@ from tenacity import stop_after_attempt, stop_after_delay
 
 from shared.retries import attempts_unless_busy, explain, json_headers, retryable, retrying
 from shared.schemas import (
+    ErrorResponse,
     PromptRollout,
     RolloutPrompt,
     RolloutRequest,
@@ -40,6 +42,24 @@ log = logging.getLogger(__name__)
 
 class ReplicaError(ConnectionError):
     """No rollout replica (or the reward server) could serve a request."""
+
+
+def refused_item(error: httpx.HTTPStatusError, collection: str) -> int | None:
+    """Which element of the request's ``collection`` (``prompts``, ``items``) a 4xx blames, if one: the
+    error's ``field`` starts with ``collection.N``."""
+    if error.response.status_code not in (400, 413, 422):
+        return None
+    try:
+        field = ErrorResponse.model_validate_json(error.response.content).error.field or ""
+    except ValueError:
+        return None
+    name, _, rest = field.partition(".")
+    index = rest.partition(".")[0]
+    return int(index) if name == collection and index.isdigit() else None
+
+
+Refused = Callable[[Any, str], None]
+"""Told of each prompt or item a server refused, and why; the request goes on without it."""
 
 
 def _headers(api_key: SecretStr | None) -> dict[str, str]:
@@ -167,11 +187,14 @@ class RolloutReplicas:
         prompts: Sequence[RolloutPrompt],
         make_request: Callable[[list[RolloutPrompt]], RolloutRequest],
         on_chunk: Callable[[list[PromptRollout]], None] = lambda chunk: None,
+        on_refused: Refused | None = None,
     ) -> list[PromptRollout]:
         """Rollouts of every prompt, in order, the prompts split evenly over the live replicas.
 
         ``on_chunk`` gets each replica's answer as it arrives (to score it while others still generate).
-        A chunk whose replica fails goes to the next live replica.
+        A chunk whose replica fails goes to the next live replica. A prompt the replica refuses (a 4xx
+        that names it) goes to ``on_refused`` and is left out, when that is given; otherwise the refusal
+        stops the step.
         """
         pending = {i: list(prompts[i :: max(1, len(self.live()))]) for i in range(max(1, len(self.live())))}
         results: dict[str, PromptRollout] = {}
@@ -192,14 +215,22 @@ class RolloutReplicas:
                     answered = future.result()
                 except (httpx.HTTPError, ValueError) as error:
                     if isinstance(error, httpx.HTTPStatusError) and not retryable(error):
-                        raise ReplicaError(f"{url} refused the rollout request: {explain(error)}") from error
+                        index = refused_item(error, "prompts")
+                        if on_refused is None or index is None:
+                            raise ReplicaError(
+                                f"{url} refused the rollout request: {explain(error)}"
+                            ) from error
+                        on_refused(pending[slot][index], explain(error))
+                        if rest := pending[slot][:index] + pending[slot][index + 1 :]:
+                            failed[slot] = rest
+                        continue
                     self._set_aside(url, error)
                     failed[slot] = pending[slot]
                     continue
                 on_chunk(answered)
                 results.update((r.prompt_id, r) for r in answered)
             pending = failed
-        return [results[p.prompt_id] for p in prompts]
+        return [results[p.prompt_id] for p in prompts if p.prompt_id in results]
 
     def _rollout_chunk(self, url: str, request: RolloutRequest) -> list[PromptRollout]:
         # Nulls are meaningful here (views.positive: null makes no I⁺), so they are sent.
@@ -274,9 +305,21 @@ class RewardClient:
         self.health_check = health_check
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10), headers=_headers(api_key))
 
-    def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
-        if not items:
-            return []
+    def score(self, items: list[ScoreItem], on_refused: Refused | None = None) -> list[ScoreResult]:
+        """The items' scores, in order. An item the server refuses (a 4xx that names it) goes to
+        ``on_refused`` and is left out, when that is given; otherwise the refusal is raised."""
+        items = list(items)
+        while items:
+            try:
+                return self._score(items)
+            except httpx.HTTPStatusError as error:
+                index = refused_item(error, "items")
+                if on_refused is None or index is None:
+                    raise
+                on_refused(items.pop(index), explain(error))
+        return []
+
+    def _score(self, items: list[ScoreItem]) -> list[ScoreResult]:
         body = ScoreRequest(items=items).model_dump_json(exclude_none=True)
         # One server, nowhere else to go: retried for as long as an outage may last.
         for attempt in retrying(stop_after_delay(self.outage_s), self.health_check):

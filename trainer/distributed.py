@@ -55,6 +55,15 @@ def broadcast_from_rank0(value: T) -> T:
     return box[0]
 
 
+def gather_from_ranks(value: T) -> list[T]:
+    """Every rank's ``value``, in rank order; pickled, which is safe only between this run's own processes."""
+    if world_size() == 1:
+        return [value]
+    gathered: list[T] = [value] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Each metric averaged over the ranks (the same keys on every rank)."""
     if world_size() == 1:

@@ -12,16 +12,32 @@ With ``rollout.views_by`` set, the greedy accuracies are also logged per group (
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable
 from statistics import fmean
 
-from shared.schemas import PromptRollout, RequestedViews, RolloutRequest, SamplingParams
+from shared.schemas import (
+    PromptRollout,
+    RequestedViews,
+    RolloutPrompt,
+    RolloutRequest,
+    SamplingParams,
+    ScoreItem,
+)
 from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
 from trainer.data import Example
 from trainer.rollouts import prompt_views, score_item
+
+log = logging.getLogger(__name__)
+
+
+def left_out(refused: RolloutPrompt | ScoreItem, why: str) -> None:
+    """A test prompt or sample a server refused is left out of the accuracies, and said so."""
+    name = refused.prompt_id if isinstance(refused, RolloutPrompt) else refused.id
+    log.warning("evaluation leaves out %s, which the server refused: %s", name, why)
 
 
 def accuracies(
@@ -37,10 +53,10 @@ def accuracies(
     samples = [(r.prompt_id, s) for r in rollouts for s in r.samples if s.sampled_on == variant]
     items = [score_item(config, by_id[prompt_id], s) for prompt_id, s in samples]
     correct: dict[str | None, list[float]] = defaultdict(list)
-    for (prompt_id, _), result in zip(samples, rewards.score(items) if items else [], strict=True):
+    for result in rewards.score(items, left_out):
         accuracy = result.components.get(config.reward.accuracy, 0.0)
         correct[None].append(accuracy)
-        if (key := by(by_id[prompt_id])) is not None:
+        if (key := by(by_id[result.id.rpartition("/")[0]])) is not None:
             correct[key].append(accuracy)
     if not correct:
         return {None: float("nan")}
@@ -72,6 +88,7 @@ def evaluate(
             views=RequestedViews(positive=None, negative=None),
             sample_on=["clean", removed],
         ),
+        on_refused=left_out,
     )
     sampled = replicas.rollouts(
         [e.rollout_prompt() for e in examples],
@@ -86,6 +103,7 @@ def evaluate(
             ),
             views=RequestedViews(positive=None, negative=None),
         ),
+        on_refused=left_out,
     )
     clean = accuracies(config, rewards, examples, greedy, "clean")
     blind = accuracies(config, rewards, examples, greedy, removed)

@@ -102,7 +102,7 @@ def sample(
     config: TrainConfig, replicas: RolloutReplicas, rewards: RewardClient, examples: list[Example], seed: int
 ) -> Sampled:
     """The training step's sampling of ``examples`` with both views, and greedy answers on I, I⁺ and I⁻."""
-    rollouts, scored, _ = sample_and_score(config, replicas, rewards, examples, seed, PASSES)
+    rollouts, scored, _, _ = sample_and_score(config, replicas, rewards, examples, seed, PASSES)
     greedy = replicas.rollouts(
         [e.rollout_prompt(prompt_views(config, e, seed, PASSES)) for e in examples],
         lambda chunk: RolloutRequest(

@@ -337,6 +337,7 @@ def batch_metrics(
         "response_length_mean": tokens / max(1, len(staleness)),
         "staleness_mean": fmean(staleness),
         "groups_dropped": float(groups_dropped),
+        "examples_skipped": float(batch.skipped),
         "rows": float(len(rows)),
         "regenerated_prompts": seconds["regenerated_prompts"],
         "seconds_rollout": seconds["rollout"],

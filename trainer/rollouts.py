@@ -26,7 +26,8 @@ from shared.schemas import (
 )
 from trainer.clients import RewardClient, RolloutReplicas
 from trainer.config import TrainConfig
-from trainer.data import Example, PromptStream
+from trainer.data import BadExample, Example, PromptStream
+from trainer.distributed import gather_from_ranks
 
 # Rewards by (prompt id, sample index): (weighted reward, components).
 Rewards = dict[tuple[str, int], tuple[float, dict[str, float]]]
@@ -48,6 +49,8 @@ class ScoredBatch:
     data_position: dict[str, int] = field(default_factory=dict)
     """Where the prompt stream stands after the step, for its checkpoint."""
     seconds: dict[str, float] = field(default_factory=dict)
+    skipped: int = 0
+    """Examples skipped so far in the run: bad ones, and those a server refused."""
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -112,18 +115,25 @@ def sample_and_score(
     examples: list[Example],
     seed: int,
     passes: tuple[str, ...],
-) -> tuple[list[PromptRollout], Rewards, dict[str, float]]:
-    """Rollouts of the examples, each replica's answer scored while the others still generate."""
+) -> tuple[list[PromptRollout], Rewards, dict[str, float], dict[str, str]]:
+    """Rollouts of the examples, each replica's answer scored while the others still generate, and the
+    prompts a server refused (by id: why). A refused prompt is left out, with all its samples."""
     by_id = {e.id: e for e in examples}
+    refused: dict[str, str] = {}
     scoring = ThreadPoolExecutor(max_workers=4, thread_name_prefix="score")
     scored: list[Future] = []
     start = time.perf_counter()
+
+    def refuse_item(item: ScoreItem, why: str) -> None:
+        refused[item.id.rpartition("/")[0]] = why
+
     rollouts = replicas.rollouts(
         [e.rollout_prompt(prompt_views(config, e, seed, passes)) for e in examples],
         lambda chunk: rollout_request(config, chunk, seed),
         on_chunk=lambda chunk: scored.append(
-            scoring.submit(rewards.score, score_items(config, by_id, chunk))
+            scoring.submit(rewards.score, score_items(config, by_id, chunk), refuse_item)
         ),
+        on_refused=lambda prompt, why: refused.__setitem__(prompt.prompt_id, why),
     )
     generated = time.perf_counter()
     results: Rewards = {}
@@ -133,7 +143,9 @@ def sample_and_score(
             results[(prompt_id, int(index))] = (result.reward, result.components)
     scoring.shutdown()
     seconds = {"rollout": generated - start, "reward": time.perf_counter() - generated}
-    return rollouts, results, seconds
+    rollouts = [r for r in rollouts if r.prompt_id not in refused]
+    results = {key: value for key, value in results.items() if key[0] not in refused}
+    return rollouts, results, seconds, refused
 
 
 class Sampler:
@@ -176,12 +188,22 @@ class Sampler:
             self._submit(self.in_flight[-1][0] + 1 if self.in_flight else step)
         _, future, examples, prompt_ids, position = self.in_flight.popleft()
         start = time.perf_counter()
-        rollouts, rewards, seconds = future.result()
+        rollouts, rewards, seconds, refused = future.result()
+        examples = self._drop_refused(examples, refused)
         rollouts, rewards, regenerated = self._refresh_stale(examples, rollouts, rewards, step, version)
         seconds["wait"] = time.perf_counter() - start
         batch = ScoredBatch(step, examples, rollouts, rewards, prompt_ids, position, seconds)
         batch.seconds["regenerated_prompts"] = regenerated
+        batch.skipped = self.stream.skipped
         return batch
+
+    def _drop_refused(self, examples: list[Example], refused: dict[str, str]) -> list[Example]:
+        """The examples less those a server refused, whose rows the stream skips from now on: on every
+        rank (a collective), so that the ranks go on reading the same prompts."""
+        rows = [(e.row, e.id, refused[e.id]) for e in examples if e.id in refused and e.row is not None]
+        for row, example_id, why in (entry for entries in gather_from_ranks(rows) for entry in entries):
+            self.stream.skip(row, BadExample(example_id, f"refused: {why}"))
+        return [e for e in examples if e.id not in refused]
 
     def _refresh_stale(
         self,
@@ -195,7 +217,7 @@ class Sampler:
         stale = [i for i, r in enumerate(rollouts) if any(s.policy_version < oldest for s in r.samples)]
         if not stale:
             return rollouts, rewards, 0
-        again, scores, _ = sample_and_score(
+        again, scores, _, refused = sample_and_score(
             self.config,
             self.replicas,
             self.rewards,
@@ -203,10 +225,12 @@ class Sampler:
             step_seed(self.config.seed, step, salt=version),
             self.passes,
         )
-        for i, fresh in zip(stale, again, strict=True):
-            rollouts[i] = fresh
+        # A prompt refused now was served before: its earlier samples stay.
+        fresh = {r.prompt_id: r for r in again}
+        for i in stale:
+            rollouts[i] = fresh.get(rollouts[i].prompt_id, rollouts[i])
         rewards.update(scores)
-        return rollouts, rewards, len(stale)
+        return rollouts, rewards, len(stale) - len(refused)
 
     def close(self) -> None:
         self.worker.shutdown(wait=False, cancel_futures=True)
