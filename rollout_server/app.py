@@ -13,7 +13,7 @@ from starlette.background import BackgroundTask
 
 from rollout_server.backend import GenerationBackend
 from rollout_server.config import RolloutSettings
-from rollout_server.engine import make_backend, resolve_model_folder
+from rollout_server.engine import image_bounds, make_backend, resolve_model_folder
 from rollout_server.metrics import RolloutMetrics
 from rollout_server.service import RolloutService
 from rollout_server.weights import WeightsStager
@@ -48,8 +48,9 @@ def create_app(settings: RolloutSettings, backend: GenerationBackend | None = No
         folder = await asyncio.to_thread(resolve_model_folder, settings.model)
         engine = backend or make_backend(settings, folder, metrics)
         stager = await asyncio.to_thread(WeightsStager, folder, settings.weights_root)
+        bounds = await asyncio.to_thread(image_bounds, settings, folder)
         await engine.start()
-        service = RolloutService(settings, engine, metrics, stager)
+        service = RolloutService(settings, engine, metrics, stager, bounds)
         log.info("model %s loaded with the %s backend; ready", settings.model, engine.name)
         return service
 

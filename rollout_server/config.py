@@ -57,6 +57,18 @@ class RolloutSettings(BaseSettings):
     )
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="largest image file, in bytes")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest image, in pixels")
+    min_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="fewest pixels of an image given to the model, as Qwen-VL's min_pixels (default: the "
+        "model processor's); images are resized as the trainer's data.min_pixels does",
+    )
+    max_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="most pixels of an image given to the model, as Qwen-VL's max_pixels (default: the "
+        "model processor's); images are resized as the trainer's data.max_pixels does",
+    )
     max_images_per_prompt: int = Field(
         4,
         ge=1,

@@ -10,6 +10,7 @@ from rollout_server.backend import GenerationBackend
 from rollout_server.config import RolloutSettings
 from rollout_server.metrics import RolloutMetrics
 from rollout_server.transformers_backend import TransformersBackend
+from shared.vlm import PixelBounds, load_processor, pixel_bounds
 
 
 def resolve_model_folder(model: str) -> Path:
@@ -48,3 +49,15 @@ def make_backend(settings: RolloutSettings, folder: Path, metrics: RolloutMetric
         observe_batch=metrics.batch_size.observe,
         observe_aborted_tokens=metrics.observe_aborted_tokens,
     )
+
+
+def image_bounds(settings: RolloutSettings, folder: Path) -> PixelBounds | None:
+    """``--min-pixels`` and ``--max-pixels`` as bounds within the model processor's own (the trainer's
+    ``data.min_pixels`` and ``data.max_pixels`` size images the same way); None when neither is set, and
+    the processor sizes images by itself."""
+    if settings.min_pixels is None and settings.max_pixels is None:
+        return None
+    try:
+        return pixel_bounds(load_processor(folder), settings.min_pixels, settings.max_pixels)
+    except ValueError as error:
+        raise ValueError(f"--min-pixels, --max-pixels: {error}") from error

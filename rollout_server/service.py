@@ -62,7 +62,7 @@ from shared.schemas import (
     TokenizeResponse,
     WeightsStatus,
 )
-from shared.vlm import chat_template_messages
+from shared.vlm import PixelBounds, chat_template_messages
 
 log = logging.getLogger("cppo.rollout")
 
@@ -134,9 +134,14 @@ def derive_seed(seed: int | None, *parts: str | int) -> int:
 
 
 def decode_message_images(
-    messages: Sequence[ChatMessage], limits: ImageLimits, max_images: int, field: str
+    messages: Sequence[ChatMessage],
+    limits: ImageLimits,
+    max_images: int,
+    field: str,
+    bounds: PixelBounds | None = None,
 ) -> list[Image.Image]:
-    """Every image of the messages, in reading order; a refused one names its field."""
+    """Every image of the messages, in reading order, sized within ``bounds`` if given; a refused one
+    names its field."""
     count = sum(len(message.image_urls()) for message in messages)
     if count > max_images:
         raise ServiceError(
@@ -153,11 +158,12 @@ def decode_message_images(
             if not isinstance(part, ImagePart):
                 continue
             try:
-                images.append(decode_image_url(part.image_url.url, limits))
+                image = decode_image_url(part.image_url.url, limits)
             except ImageError as error:
                 status = _IMAGE_ERROR_STATUS.get(error.code, 400)
                 where = f"{field}.{m}.content.{p}.image_url.url"
                 raise ServiceError(status, where, error.code, error.message) from error
+            images.append(bounds.fit(image) if bounds is not None else image)
     return images
 
 
@@ -168,8 +174,11 @@ class RolloutService:
         backend: GenerationBackend,
         metrics: RolloutMetrics,
         stager: WeightsStager,
+        bounds: PixelBounds | None = None,
     ) -> None:
         self.settings = settings
+        self.bounds = bounds
+        """--min-pixels and --max-pixels, within the processor's own bounds; None when neither is set."""
         self.backend = backend
         self.metrics = metrics
         self.stager = stager
@@ -263,6 +272,7 @@ class RolloutService:
                     limits,
                     self.settings.max_images_per_prompt,
                     f"prompts.{i}.messages",
+                    self.bounds,
                 )
                 for i, p in enumerate(request.prompts)
             )
@@ -367,6 +377,7 @@ class RolloutService:
             self.settings.image_limits(),
             self.settings.max_images_per_prompt,
             "messages",
+            self.bounds,
         )
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:

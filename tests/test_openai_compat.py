@@ -5,13 +5,19 @@ requests under the server's auth and back-pressure. What every backend must do i
 
 from __future__ import annotations
 
+import base64
+import io
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+from PIL import Image
 from servers import metric, running_server
 
 from rollout_server.transformers_backend import _StreamedText
+from shared.launch import free_port
 from shared.vlm import load_processor
 
 API_KEY = "s3cret"
@@ -108,3 +114,35 @@ def test_streamed_requests_keep_the_servers_auth_and_back_pressure(tiny: Path, t
         with client.stream("POST", "/v1/chat/completions", json=_chat("hi", 1, 2, stream=True)) as served:
             assert served.status_code == 200
             assert [line for line in served.iter_lines() if line][-1] == "data: [DONE]"
+
+
+def _image_messages(side: int) -> list[dict]:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def test_max_pixels_sizes_images_as_the_trainer_does(tiny: Path, tmp_path: Path) -> None:
+    """--max-pixels 3136 (56×56): a 112×112 image becomes 56×56, 4 image tokens instead of 16, as the
+    trainer's data.max_pixels sizes it (shared.vlm.PixelBounds); an image within the bounds is unchanged."""
+    pad = load_processor(tiny).tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def image_tokens(server, side: int) -> int:
+        with server.client() as client:
+            reply = client.post("/tokenize", json={"messages": _image_messages(side)})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["tokens"].count(pad)
+
+    with running_server(
+        "rollout-server", ["--model", str(tiny), "--max-pixels", "3136"], tmp_path
+    ) as bounded:
+        assert (image_tokens(bounded, 112), image_tokens(bounded, 56)) == (4, 4)
+    with running_server("rollout-server", ["--model", str(tiny)], tmp_path) as own:
+        assert (image_tokens(own, 112), image_tokens(own, 56)) == (16, 4)
+    command = [sys.executable, "-m", "shared.cli", "rollout-server", "--model", str(tiny)]
+    command += ["--port", str(free_port()), "--max-pixels", "100000"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert "--max-pixels: pixel bounds 3136..100000 must lie within" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -94,6 +94,10 @@ def _stack_up(config: TrainConfig, resume: str | None, overwrite: bool) -> Path:
         "--max-batch-size",
         str(max(64, rows)),
     ]
+    # The server sizes the images other clients send as the trainer sizes the dataset's.
+    for flag, pixels in (("--min-pixels", config.data.min_pixels), ("--max-pixels", config.data.max_pixels)):
+        if pixels is not None:
+            rollout_args += [flag, str(pixels)]
     with ExitStack() as stack:
         console.print("starting the rollout server and the reward server")
         rollout = stack.enter_context(
