@@ -81,7 +81,7 @@ def _add_shared_commands(commands: Subcommands) -> None:
 
     synth = commands.add_parser(
         "synth-data",
-        help="render a synthetic perception dataset (EasyR1/ViRL39K layout)",
+        help="render a synthetic perception dataset (EasyR1 layout)",
         description="Render images of shapes with questions that need the image (colour, shape, count, "
         "position) and write train.parquet and test.parquet (columns problem, answer, images) plus the "
         "PNG files.",
