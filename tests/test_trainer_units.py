@@ -462,3 +462,28 @@ def test_the_learning_curves_plot_draws_every_panel(tmp_path):
     metrics[0] |= {"eval_chance_accuracy": 1 / 6}
     out = plot_curves(metrics, tmp_path / "curves.png", "demo: CPPO, seed 0")
     assert out.stat().st_size > 10_000
+
+
+def test_score_items_carry_the_prompt_source_and_metadata_and_the_sources_reward():
+    from shared.schemas import Sample
+    from trainer.config import load_config
+    from trainer.data import Example
+    from trainer.rollouts import score_item
+
+    config = load_config(None, ["reward.by_source={chartqa: exact, geo: {math: 0.5, format: 0.5}}"])
+    sample = Sample(
+        prompt_id="q", sample_index=3, sampled_on="clean", token_ids=[1], text="red", logprobs=[-0.1],
+        finish_reason="stop", policy_version=0,
+    )  # fmt: skip
+
+    def item(source: str | None):
+        example = Example(
+            "q", (), (), "red", prompt="<image>Colour?", data_source=source, metadata={"level": 2}
+        )
+        return score_item(config, example, sample)
+
+    chart = item("chartqa")
+    assert (chart.id, chart.response, chart.ground_truth, chart.reward) == ("q/3", "red", "red", "exact")
+    assert (chart.prompt, chart.data_source, chart.metadata) == ("<image>Colour?", "chartqa", {"level": 2})
+    assert item("geo").reward == {"math": 0.5, "format": 0.5}
+    assert item("other").reward == item(None).reward == {"math": 0.9, "format": 0.1}  # reward.reward
