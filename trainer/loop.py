@@ -87,6 +87,7 @@ def train(
         if state.step == 0 and config.eval.every:
             record(run_log, {"step": 0, "policy_version": version, **evaluation(0)})
         for step in range(state.step + 1, config.train.steps + 1):
+            began = time.perf_counter()
             health_check()
             publisher.catch_up()
             batch = sampler.next(step, version)  # sample + score
@@ -97,6 +98,8 @@ def train(
             started = time.perf_counter()
             version = publisher.publish(version + 1)  # push weights
             metrics["seconds_sync"] = time.perf_counter() - started
+            # Less than the phases add up to when the next rollouts overlap this step (max_staleness ≥ 1).
+            metrics["seconds_step"] = time.perf_counter() - began
             metrics |= batch_metrics(batch, rows, groups_dropped, version, config)
             metrics = {"step": step, "policy_version": version, **mean_over_ranks(metrics)}
             metrics["prompt_ids"] = batch.prompt_ids
