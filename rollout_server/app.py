@@ -29,6 +29,7 @@ from shared.schemas import (
     RolloutResponse,
     TokenizeRequest,
     TokenizeResponse,
+    WeightsBroadcast,
     WeightsStatus,
     WeightsUpdate,
 )
@@ -162,5 +163,12 @@ def create_app(settings: RolloutSettings, backend: GenerationBackend | None = No
             """Load weights sent in the body as one safetensors file (as ``save_pretrained`` writes it),
             for trainers without shared storage."""
             return await rollouts.update_weights_from_bytes(await request.body(), version)
+
+        @app.post("/v1/weights/broadcast", tags=["weights"])
+        async def load_weights_by_broadcast(body: WeightsBroadcast, rollouts: Service) -> WeightsStatus:
+            """Join the trainer's process group (a TCP store at ``host:port``) and receive the weights by
+            collective broadcast; answers once they serve. The tensor list must match the served checkpoint
+            (names and shapes; 422 before joining). A transfer that fails leaves the old weights serving."""
+            return await rollouts.update_weights_by_broadcast(body)
 
     return app

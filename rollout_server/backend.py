@@ -17,6 +17,8 @@ from typing import Literal, Protocol
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from shared.weight_broadcast import Invitation
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -106,9 +108,9 @@ class WeightsLoadError(ValueError):
 class GenerationBackend(Protocol):
     """A generation engine.
 
-    ``generate`` may be called concurrently; the backend batches as it can. ``load_weights`` is only
-    called while no ``generate`` call is in flight (the service guarantees it), and must either load
-    all of the new weights or leave the old ones in place and raise ``WeightsLoadError``.
+    ``generate`` may be called concurrently; the backend batches as it can. ``load_weights`` and
+    ``receive_broadcast`` are only called while no ``generate`` call is in flight (the service guarantees
+    it), and must either load all of the new weights or leave the old ones in place and raise.
     """
 
     name: str
@@ -134,6 +136,11 @@ class GenerationBackend(Protocol):
 
     async def load_weights(self, folder: Path) -> None:
         """Replace the weights with those of a Hugging Face checkpoint folder of the same architecture."""
+
+    async def receive_broadcast(self, invitation: Invitation) -> None:
+        """Join the trainer's process group and replace the weights with those it broadcasts (checkpoint
+        names, checked against the served checkpoint already). A failed transfer raises
+        ``shared.weight_broadcast.BroadcastError`` and leaves the old weights in place."""
 
     async def close(self) -> None:
         """Release the engine."""

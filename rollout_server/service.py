@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import torch
 from PIL import Image
 
 from rollout_server.backend import (
@@ -38,7 +39,7 @@ from rollout_server.backend import (
 from rollout_server.config import RolloutSettings
 from rollout_server.metrics import RolloutMetrics
 from rollout_server.openai_stream import ChunkWriter, EventStream, choice_logprobs, usage
-from rollout_server.weights import WeightsStager
+from rollout_server.weights import WeightsStager, check_compatible
 from shared.http import ServiceError
 from shared.images import ImageError, ImageLimits, decode_image_url, encode_image_data_url
 from shared.perturbations import perturb
@@ -60,9 +61,11 @@ from shared.schemas import (
     Sample,
     TokenizeRequest,
     TokenizeResponse,
+    WeightsBroadcast,
     WeightsStatus,
 )
 from shared.vlm import PixelBounds, chat_template_messages
+from shared.weight_broadcast import BroadcastError, Invitation, TensorMeta
 
 log = logging.getLogger("cppo.rollout")
 
@@ -554,13 +557,75 @@ class RolloutService:
                 except WeightsLoadError as error:
                     self.metrics.weight_updates.labels("failed").inc()
                     raise ServiceError(422, "path" if path else "body", "bad_weights", str(error)) from error
-                self.version, self.weights_path, self.loaded_at = version, path, datetime.now(UTC)
+                self._loaded(version, path)
         finally:
             if staged is not None:
                 await asyncio.to_thread(shutil.rmtree, staged, True)
+        return self.weights_status()
+
+    async def update_weights_by_broadcast(self, request: WeightsBroadcast) -> WeightsStatus:
+        """Join the trainer's group and receive the weights it broadcasts (``shared.weight_broadcast``).
+
+        Everything the request says is checked before joining, so a refused broadcast never holds the trainer
+        or the other replicas up. The gate is taken before joining: the transfer starts once running requests
+        are done, and none starts until the weights are in."""
+        self._check_version(request.version)
+        invitation = self._invitation(request)
+        async with self.gate.writing():
+            self._check_version(request.version)
+            try:
+                await self.backend.receive_broadcast(invitation)
+            except BroadcastError as error:
+                self.metrics.weight_updates.labels("failed").inc()
+                raise ServiceError(
+                    422, "host", "broadcast_failed", f"{error}; the old weights keep serving"
+                ) from error
+            except WeightsLoadError as error:
+                self.metrics.weight_updates.labels("failed").inc()
+                raise ServiceError(422, "tensors", "bad_weights", str(error)) from error
+            self._loaded(request.version, None)
+        return self.weights_status()
+
+    def _invitation(self, request: WeightsBroadcast) -> Invitation:
+        """The request as an invitation, once its tensors are known to fit the served model."""
+        names: set[str] = set()
+        for index, spec in enumerate(request.tensors):
+            if spec.name in names:
+                raise ServiceError(422, f"tensors.{index}.name", "duplicate", f"{spec.name} is listed twice")
+            names.add(spec.name)
+        metas = tuple(TensorMeta(spec.name, tuple(spec.shape), spec.dtype) for spec in request.tensors)
+        try:
+            check_compatible({meta.name: (meta.shape, meta.dtype) for meta in metas}, self.stager.layout)
+        except WeightsLoadError as error:
+            self.metrics.weight_updates.labels("refused").inc()
+            raise ServiceError(422, "tensors", "bad_weights", str(error)) from error
+        total = sum(meta.nbytes for meta in metas)
+        if total > self.settings.max_weights_bytes:
+            raise ServiceError(
+                413,
+                "tensors",
+                "too_large",
+                f"{total} bytes of weights; --max-weights-bytes is {self.settings.max_weights_bytes}",
+            )
+        if request.backend == "nccl" and not torch.cuda.is_available():
+            raise ServiceError(
+                422, "backend", "unsupported", "nccl needs a CUDA device, and this server has none"
+            )
+        return Invitation(
+            request.host,
+            request.port,
+            request.session,
+            request.rank,
+            request.backend,
+            metas,
+            request.bucket_bytes,
+            request.timeout_s,
+        )
+
+    def _loaded(self, version: int, path: str | None) -> None:
+        self.version, self.weights_path, self.loaded_at = version, path, datetime.now(UTC)
         self.metrics.weight_updates.labels("loaded").inc()
         self.metrics.policy_version.set(version)
-        return self.weights_status()
 
 
 def _sampling_spec(params, seed: int | None) -> SamplingSpec:

@@ -1,7 +1,8 @@
 """The wire schemas of the three services, defined once and imported by both sides of every call.
 
 * trainer -> rollout server: ``POST /v1/rollouts`` (:class:`RolloutRequest` -> :class:`RolloutResponse`),
-  ``POST /v1/weights`` (:class:`WeightsUpdate` -> :class:`WeightsStatus`);
+  ``POST /v1/weights`` (:class:`WeightsUpdate` -> :class:`WeightsStatus`) and ``POST /v1/weights/broadcast``
+  (:class:`WeightsBroadcast` -> :class:`WeightsStatus`);
 * trainer -> reward server: ``POST /v1/score`` (:class:`ScoreRequest` -> :class:`ScoreResponse`), and
   OpenRLHF's remote reward protocol, ``POST /get_reward``
   (:class:`OpenRLHFRewardRequest` -> :class:`OpenRLHFRewardResponse`);
@@ -485,6 +486,51 @@ class WeightsUpdate(_Owned):
         description="Folder of the checkpoint, as the server sees it.",
     )
     version: Version = Field(description="The policy version the weights are; samples are tagged with it.")
+
+
+MAX_BROADCAST_TENSORS = 100_000
+"""Most tensors in one broadcast (a 70B checkpoint has a few thousand)."""
+MAX_GROUP_RANKS = 4096
+"""Most members of a broadcast group: the trainer and the rollout replicas."""
+MAX_TENSOR_DIMS = 8
+MIN_BUCKET_BYTES = 1 << 20
+MAX_BUCKET_BYTES = 1 << 32
+MAX_BROADCAST_TIMEOUT_S = 3600.0
+TensorDtype = Literal["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"]
+"""A tensor's element type, by its safetensors name."""
+
+
+class TensorSpec(_Owned):
+    """One tensor of a broadcast, by its checkpoint name."""
+
+    name: str = Field(min_length=1, max_length=MAX_PATH_CHARS, description="Its name in the checkpoint.")
+    shape: list[Annotated[int, Field(ge=0, le=1 << 40)]] = Field(max_length=MAX_TENSOR_DIMS)
+    dtype: TensorDtype
+
+
+class WeightsBroadcast(_Owned):
+    """``POST /v1/weights/broadcast``: join the trainer's process group and receive new weights from it.
+
+    The trainer hosts a TCP store at ``host:port``; every replica it invited joins under ``session`` with its
+    ``rank``, and the tensors arrive by broadcast from rank 0, packed in buckets of ``bucket_bytes`` (a tensor
+    larger than that travels alone), in the order of ``tensors``."""
+
+    version: Version = Field(description="The policy version the weights are; samples are tagged with it.")
+    host: str = Field(
+        min_length=1, max_length=MAX_NAME_CHARS, description="The trainer's TCP store: address."
+    )
+    port: int = Field(ge=1, le=65535, description="The trainer's TCP store: port.")
+    session: str = Field(
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="This broadcast's name in the store; fresh for each one.",
+    )
+    rank: int = Field(ge=1, lt=MAX_GROUP_RANKS, description="This replica's rank; the trainer is 0.")
+    backend: Literal["gloo", "nccl"] = Field(description="gloo (CPU tensors) or nccl (CUDA tensors).")
+    tensors: list[TensorSpec] = Field(min_length=1, max_length=MAX_BROADCAST_TENSORS)
+    bucket_bytes: int = Field(ge=MIN_BUCKET_BYTES, le=MAX_BUCKET_BYTES)
+    timeout_s: float = Field(
+        gt=0, le=MAX_BROADCAST_TIMEOUT_S, description="Seconds any step of joining or receiving may take."
+    )
 
 
 class WeightsStatus(_Owned):

@@ -10,14 +10,17 @@ fail.
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import torch
 from pydantic import SecretStr
 from tenacity import stop_after_attempt, stop_after_delay
 
@@ -32,12 +35,24 @@ from shared.schemas import (
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
+    TensorSpec,
+    WeightsBroadcast,
     WeightsStatus,
     WeightsUpdate,
 )
+from shared.weight_broadcast import BroadcastError, Root, describe, local_address_towards
 from trainer.config import RewardConfig, RolloutConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Weights to publish by collective broadcast: the trainer's end of the group, and the tensors under the
+    served checkpoint's names (``shared.weight_broadcast.checkpoint_tensors``)."""
+
+    root: Root
+    weights: dict[str, torch.Tensor]
 
 
 class ReplicaError(ConnectionError):
@@ -248,10 +263,17 @@ class RolloutReplicas:
         return found
 
     def publish(
-        self, version: int, *, path: str | None, tensors: bytes | None, only: list[str] | None = None
+        self,
+        version: int,
+        *,
+        path: str | None = None,
+        tensors: bytes | None = None,
+        broadcast: Broadcast | None = None,
+        only: list[str] | None = None,
     ) -> list[str]:
         """Load the weights on every live replica, or ``only`` those (by reference: ``path``; by value:
-        ``tensors``), and return the replicas that report ``version``. A replica that fails is set aside."""
+        ``tensors``; by collective broadcast: ``broadcast``), and return the replicas that report ``version``.
+        A replica that fails is set aside."""
 
         def push(url: str) -> str:
             if path is not None:
@@ -265,24 +287,81 @@ class RolloutReplicas:
                     content=tensors,
                     headers={"Content-Type": "application/octet-stream"},
                 )
-            reported = WeightsStatus.model_validate_json(response.content).version
-            if reported != version:
-                raise ValueError(f"{url} reports version {reported} after loading {version}")
-            return url
+            return self._check_version(url, response, version)
 
         deadline: float | None = None
         while True:
             synced = []
             targets = [url for url in self.live() if only is None or url in only]
-            for url, future in [(url, self.pool.submit(push, url)) for url in targets]:
-                try:
-                    synced.append(future.result())
-                except (httpx.HTTPError, ValueError) as error:
-                    self._set_aside(url, error)
+            if broadcast is not None and targets:
+                synced = self._broadcast(version, broadcast, targets)
+            else:
+                for url, future in [(url, self.pool.submit(push, url)) for url in targets]:
+                    try:
+                        synced.append(future.result())
+                    except (httpx.HTTPError, ValueError) as error:
+                        self._set_aside(url, error)
             if synced:
                 return synced
             deadline = deadline or time.monotonic() + self.outage_s
             self._revive(deadline, f"no rollout replica loaded version {version}")
+
+    @staticmethod
+    def _check_version(url: str, response: httpx.Response, version: int) -> str:
+        reported = WeightsStatus.model_validate_json(response.content).version
+        if reported != version:
+            raise ValueError(f"{url} reports version {reported} after loading {version}")
+        return url
+
+    def _broadcast(self, version: int, broadcast: Broadcast, targets: list[str]) -> list[str]:
+        """Invite ``targets`` to the broadcast (each with a rank of its own), send while they receive, and
+        return those that report ``version``.
+
+        An invitation is one attempt: a broadcast cannot be joined again once it has started. A replica that
+        refuses it (4xx), or that has not joined within ``sync.timeout_s``, is left out of the group and set
+        aside, and the others go on without it."""
+        root = broadcast.root
+        first = urlsplit(targets[0])
+        address = local_address_towards(first.hostname or "localhost", first.port or 80)
+        session = f"v{version}-{secrets.token_hex(4)}"
+        specs = [
+            TensorSpec(name=m.name, shape=list(m.shape), dtype=m.dtype) for m in describe(broadcast.weights)
+        ]
+        # Joining may take timeout_s, and so may each bucket; a replica always answers by then.
+        timeout = httpx.Timeout(2 * root.timeout_s, connect=10)
+
+        def invite(url: str, rank: int) -> str:
+            body = WeightsBroadcast(
+                version=version,
+                host=address,
+                port=root.port,
+                session=session,
+                rank=rank,
+                backend=root.backend,
+                tensors=specs,
+                bucket_bytes=root.bucket_bytes,
+                timeout_s=root.timeout_s,
+            )
+            response = self.client.post(
+                url + "/v1/weights/broadcast", content=body.model_dump_json(), timeout=timeout
+            )
+            response.raise_for_status()
+            return self._check_version(url, response, version)
+
+        futures = {
+            rank: (url, self.pool.submit(invite, url, rank)) for rank, url in enumerate(targets, start=1)
+        }
+        try:
+            root.broadcast(session, futures, lambda rank: futures[rank][1].done(), address, broadcast.weights)
+        except BroadcastError as error:
+            log.warning("weights broadcast of version %d failed: %s", version, error)
+        synced = []
+        for url, future in futures.values():
+            try:
+                synced.append(future.result())
+            except (httpx.HTTPError, ValueError) as error:
+                self._set_aside(url, error)
+        return synced
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -265,16 +265,30 @@ class DeepSpeedConfig(Section):
 
 
 class SyncConfig(Section):
-    mode: Literal["reference", "value"] = Field(
+    mode: Literal["reference", "value", "broadcast"] = Field(
         default="value",
-        description="reference: a safetensors folder on shared storage; value: the weights in the request.",
+        description="reference: a safetensors folder on shared storage; value: the weights in the request; "
+        "broadcast: a collective broadcast from the trainer's rank 0 to the replicas (gloo on CPU, NCCL on "
+        "GPU), HTTP only coordinating.",
+    )
+    broadcast_port: int = Field(
+        default=29600,
+        ge=0,
+        le=65535,
+        description="For mode=broadcast: the port of the TCP store the replicas join the trainer's group "
+        "through (0: any free port, for runs on one machine).",
     )
     dir: str | None = Field(
         default=None,
         description="Shared folder for mode=reference, as the replicas see it; default run_dir/weights.",
     )
     keep: int = Field(default=2, ge=1, description="Published versions kept in dir.")
-    timeout_s: float = Field(default=600.0, gt=0, description="Seconds a replica may take to load weights.")
+    timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a replica may take to load weights (for mode=broadcast: to join the group, "
+        "and for each bucket).",
+    )
 
 
 class CheckpointConfig(Section):

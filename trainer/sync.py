@@ -1,7 +1,9 @@
 """Publishing the policy to the rollout replicas as a new version, and catching up replicas that lag.
 
 By reference, a Hugging Face folder in ``sync.dir`` (shared storage; the last ``sync.keep`` versions are
-kept) is loaded by path; by value, the same safetensors file travels in the request body.
+kept) is loaded by path; by value, the same safetensors file travels in the request body; by broadcast, the
+tensors go from rank 0 to every replica over a process group of their own (``shared.weight_broadcast``), and
+HTTP carries only their names, shapes and dtypes.
 """
 
 from __future__ import annotations
@@ -11,12 +13,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from trainer.clients import RolloutReplicas
+import torch
+
+from shared.weight_broadcast import Root, checkpoint_tensors
+from trainer.clients import Broadcast, RolloutReplicas
 from trainer.config import TrainConfig
 from trainer.distributed import barrier, rank
 from trainer.policy import Policy
 
 log = logging.getLogger(__name__)
+
+BUCKET_BYTES = 256 << 20
+"""Broadcast buckets: large enough that per-bucket costs vanish, small enough to stage on a GPU."""
 
 
 class Publisher:
@@ -25,9 +33,12 @@ class Publisher:
         self.replicas = replicas
         self.config = config
         self.version = 0
-        # What the last publication sent, for replicas that missed it: a folder, or the file's bytes.
+        # What the last publication sent, for replicas that missed it: a folder, the file's bytes, or the
+        # tensors to broadcast again.
         self.last_path: str | None = None
         self.last_tensors: bytes | None = None
+        self.last_broadcast: Broadcast | None = None
+        self.root: Root | None = None
 
     def publish(self, version: int) -> int:
         """Send the current weights as ``version``; returns once every live replica reports it.
@@ -39,11 +50,14 @@ class Publisher:
                     folder = self.config.sync_dir() / f"v{version:06d}"
                     self.policy.save_pretrained(folder, weights)
                     self.last_path = str(folder.resolve())
-                else:
+                elif self.config.sync.mode == "value":
                     with tempfile.TemporaryDirectory(prefix="cppo-publish-") as scratch:
                         self.policy.save_pretrained(Path(scratch), weights)
                         self.last_tensors = (Path(scratch) / "model.safetensors").read_bytes()
-                self.replicas.publish(version, path=self.last_path, tensors=self.last_tensors)
+                else:
+                    named = checkpoint_tensors(self.policy.engine.module, weights)
+                    self.last_broadcast = Broadcast(self._root(), named)
+                self._send(version)
                 self._prune()
         barrier()
         self.version = version
@@ -57,7 +71,20 @@ class Publisher:
         behind = [url for url, held in self.replicas.versions().items() if held < self.version]
         if behind:
             log.warning("replicas %s lag behind version %d; sending it", behind, self.version)
-            self.replicas.publish(self.version, path=self.last_path, tensors=self.last_tensors, only=behind)
+            self._send(self.version, only=behind)
+
+    def _send(self, version: int, only: list[str] | None = None) -> None:
+        self.replicas.publish(
+            version, path=self.last_path, tensors=self.last_tensors, broadcast=self.last_broadcast, only=only
+        )
+
+    def _root(self) -> Root:
+        """The trainer's end of the broadcast group, made at the first broadcast (on rank 0 only)."""
+        if self.root is None:
+            sync = self.config.sync
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            self.root = Root(sync.broadcast_port, backend, BUCKET_BYTES, sync.timeout_s)
+        return self.root
 
     def _prune(self) -> None:
         if self.config.sync.mode == "reference":
