@@ -10,10 +10,10 @@ What the caller gets, and why:
   (temperature 0) get log-probs of the untempered distribution.
 - ``VISION_PLACEHOLDER_TOKENS`` are never sampled: they are ``bad_words``, which vLLM masks with -inf
   (``logit_bias`` is clamped to ±100, which a high temperature turns into a real probability).
-- weight swaps go through vLLM's own ``reload_weights`` (called by the worker extension in
-  ``rollout_server.vllm_worker``), which re-runs the backend-specific weight processing (CPU GEMM
-  prepacking, quantisation) that a bare ``model.load_weights`` would bypass, leaving the engine
-  computing with the old packed weights.
+- weight swaps (from a checkpoint folder, or broadcast by the trainer) go through vLLM's own
+  ``reload_weights`` (called by the worker extension in ``rollout_server.vllm_worker``), which re-runs
+  the backend-specific weight processing (CPU GEMM prepacking, quantisation) that a bare
+  ``model.load_weights`` would bypass, leaving the engine computing with the old packed weights.
 - vLLM's own Prometheus metrics (``vllm:*``, in prometheus_client's global registry) without its periodic
   stats lines: ``PrometheusStatLogger`` is the only stat logger. ``VLLMMetrics`` puts them in the service's
   registry, so that ``/metrics`` shows them beside the server's own.
@@ -60,6 +60,7 @@ from rollout_server.backend import (
     WeightsLoadError,
 )
 from shared.vlm import VISION_PLACEHOLDER_TOKENS, load_processor
+from shared.weight_broadcast import BroadcastError, Invitation
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class VLLMBackend:
         self._request_ids = itertools.count()
         self._run_id = uuid.uuid4().hex[:8]
         # Where the serving weights came from; a failed swap reloads these.
-        self._weights_source = model
+        self._weights_source: str | None = model
         self._weights_broken: str | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -295,20 +296,40 @@ class VLLMBackend:
 
         Every safetensors file is checked before any weight is touched (header, size, index), so
         an unreadable checkpoint leaves the old weights serving. The swap itself is vLLM's
-        ``reload_weights`` on every worker; generation is paused around it, and the prefix,
-        multimodal and encoder caches are cleared, so nothing computed with the old weights is
-        reused. Should the swap fail half-way, the previous checkpoint is reloaded.
+        ``reload_weights`` on every worker (see ``_swap``).
         """
-        engine = self.engine
         folder = Path(folder).resolve()
         await asyncio.to_thread(check_safetensors_folder, folder)
+        await self._swap(str(folder), "cppo_reload_weights", {"weights_path": str(folder)}, str(folder))
+
+    async def receive_broadcast(self, invitation: Invitation) -> None:
+        """Have the worker join the trainer's group, receive the weights and load them (``_swap``).
+
+        One rank per replica: with tensor parallelism every worker would need a rank of its own."""
+        if self._engine_args.tensor_parallel_size != 1:
+            raise WeightsLoadError(
+                "weights by broadcast need tensor_parallel_size 1; sync by value or reference"
+            )
+        where = f"the broadcast from {invitation.host}:{invitation.port}"
+        await self._swap(where, "cppo_receive_broadcast", {"invitation": invitation.as_dict()}, None)
+
+    async def _swap(self, what: str, method: str, kwargs: dict[str, Any], source: str | None) -> None:
+        """Call the worker extension's ``method``, which loads new weights with vLLM's ``reload_weights``.
+
+        Generation is paused around it, and the prefix, multimodal and encoder caches are cleared, so
+        nothing computed with the old weights is reused. Should the load fail half-way, the previous
+        checkpoint is reloaded. ``source`` is the folder that then holds the serving weights (None after a
+        broadcast: none does)."""
+        engine = self.engine
         await engine.pause_generation(mode="abort", clear_cache=True)
         try:
             try:
-                await engine.collective_rpc("cppo_reload_weights", kwargs={"weights_path": str(folder)})
+                failures = [failed for failed in await engine.collective_rpc(method, kwargs=kwargs) if failed]
             except Exception as error:
-                await self._restore_weights(folder, error)
-            self._weights_source = str(folder)
+                await self._restore_weights(what, error)
+            if failures:
+                raise BroadcastError(failures[0])
+            self._weights_source = source
             self._weights_broken = None
         finally:
             try:
@@ -318,22 +339,26 @@ class VLLMBackend:
             finally:
                 await engine.resume_generation()
 
-    async def _restore_weights(self, folder: Path, error: Exception) -> None:
+    async def _restore_weights(self, what: str, error: Exception) -> None:
         """After a failed swap, reload the weights that were serving, then raise ``WeightsLoadError``."""
         engine = self.engine
-        logger.error(
-            "reloading weights from %s failed: %s; restoring %s", folder, error, self._weights_source
-        )
+        if self._weights_source is None:
+            self._weights_broken = (
+                f"loading {what} failed ({error}), and the weights that were serving came by broadcast, "
+                "so no folder holds them; the engine's weights are inconsistent until an update succeeds"
+            )
+            raise WeightsLoadError(self._weights_broken) from error
+        logger.error("loading %s failed: %s; restoring %s", what, error, self._weights_source)
         try:
             await engine.collective_rpc("cppo_reload_weights", kwargs={"weights_path": self._weights_source})
         except Exception as restore_error:
             self._weights_broken = (
-                f"loading weights from {folder} failed ({error}) and restoring {self._weights_source} "
+                f"loading {what} failed ({error}) and restoring {self._weights_source} "
                 f"failed too ({restore_error}); the engine's weights are inconsistent: restart the server"
             )
             raise WeightsLoadError(self._weights_broken) from error
         raise WeightsLoadError(
-            f"loading weights from {folder} failed: {error}; the previous weights "
+            f"loading {what} failed: {error}; the previous weights "
             f"({self._weights_source}) were reloaded and keep serving"
         ) from error
 

@@ -1,4 +1,5 @@
-"""A vLLM worker extension: swaps a running engine's weights for a checkpoint folder's.
+"""A vLLM worker extension: swaps a running engine's weights for a checkpoint folder's, or for those the
+trainer broadcasts over a process group of its own (``shared.weight_broadcast``).
 
 vLLM mixes ``WeightReloadExtension`` into its worker class when the engine is built with
 ``worker_extension_cls="rollout_server.vllm_worker.WeightReloadExtension"``; ``AsyncLLM.collective_rpc``
@@ -29,6 +30,8 @@ from typing import Any
 import torch
 from vllm.config import set_current_vllm_config
 
+from shared.weight_broadcast import BroadcastError, Invitation, receive
+
 logger = logging.getLogger(__name__)
 
 
@@ -45,9 +48,25 @@ class WeightReloadExtension:
 
     def cppo_reload_weights(self, weights_path: str) -> None:
         """Replace the model's weights with those of the safetensors checkpoint in ``weights_path``."""
+        self._cppo_reload(weights_path=weights_path)
+
+    def cppo_receive_broadcast(self, invitation: dict[str, Any]) -> str | None:
+        """Join the trainer's process group (``shared.weight_broadcast``), receive the weights it broadcasts,
+        then load them as ``cppo_reload_weights`` loads a checkpoint's.
+
+        A failed transfer is returned as its message rather than raised, so that the backend can tell it
+        (the serving weights untouched: every tensor is received before any is loaded) from a failed load."""
+        try:
+            tensors = receive(Invitation.from_dict(invitation))
+        except BroadcastError as error:
+            return str(error)
+        self._cppo_reload(weights_iterator=iter(tensors.items()))
+        return None
+
+    def _cppo_reload(self, **source: Any) -> None:
         model = self.model_runner.get_model()
         try:
-            self.reload_weights(weights_path=weights_path, is_checkpoint_format=True)
+            self.reload_weights(is_checkpoint_format=True, **source)
         except BaseException:
             _abandon_layerwise_reload(model)
             raise

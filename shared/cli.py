@@ -71,10 +71,10 @@ def _add_shared_commands(commands: Subcommands) -> None:
     tiny.add_argument("dir", type=Path, help="output folder (created if missing)")
     tiny.add_argument(
         "--profile",
-        choices=("transformers", "vllm"),
+        choices=("transformers", "vllm", "100mb"),
         default="transformers",
-        help="transformers: smallest, for the CPU backend; vllm: head size 64, as vLLM kernels need "
-        "(default: %(default)s)",
+        help="transformers: smallest, for the CPU backend; vllm: head size 64, as vLLM kernels need; "
+        "100mb: the vllm shape grown to ~100 MB of weights, for measuring weight sync (default: %(default)s)",
     )
     tiny.add_argument("--seed", type=_non_negative_int, default=0, help="weight init seed (default: 0)")
     tiny.set_defaults(handler=_tiny_model)

@@ -6,7 +6,9 @@ the stock PIL image processor. Everything is written with ``save_pretrained``: t
 is the code that loads ``Qwen/Qwen2.5-VL-3B-Instruct``.
 
 Two profiles differ in the attention head size only: the ``vllm`` profile uses 64, the smallest head
-size vLLM's kernels accept; the ``transformers`` profile is smaller and faster still.
+size vLLM's kernels accept; the ``transformers`` profile is smaller and faster still. A third, ``100mb``,
+is the ``vllm`` shape grown to about 100 MB of float32 weights, for measuring what weight sync costs per MB
+where its fixed costs no longer hide that.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from transformers import (
 from shared import synth_data
 from shared.vlm import Qwen2_5_VLImageTextProcessor
 
-Profile = Literal["transformers", "vllm"]
+Profile = Literal["transformers", "vllm", "100mb"]
 
 # The Qwen2.5-VL special tokens, in the order of the real vocabulary.
 SPECIAL_TOKENS = (
@@ -92,6 +94,15 @@ PROFILES: dict[str, TinyDims] = {
     # head_dim 64: mrope 8+12+12 = 32.
     "vllm": TinyDims(
         hidden_size=128, num_heads=2, num_kv_heads=1, mrope_section=(8, 12, 12), intermediate_size=256
+    ),
+    # head_dim 64 as above; 6 layers of ~3.9 M parameters: ~25 M parameters, ~99 MB in float32.
+    "100mb": TinyDims(
+        hidden_size=512,
+        num_heads=8,
+        num_kv_heads=4,
+        mrope_section=(8, 12, 12),
+        intermediate_size=2048,
+        num_layers=6,
     ),
 }
 
@@ -180,7 +191,7 @@ def build_tiny_model(out_dir: str | Path, profile: Profile = "transformers", see
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
     processor = Qwen2_5_VLImageTextProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out)
-    if profile == "vllm":
+    if profile != "transformers":
         _name_stock_processor(out)
     return out
 

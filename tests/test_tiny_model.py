@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from shared import synth_data
-from shared.tiny_model import SPECIAL_TOKENS, build_tiny_model
+from shared.tiny_model import SPECIAL_TOKENS, build_config, build_tiny_model, train_tokenizer
 from shared.vlm import Qwen2_5_VLImageTextProcessor, load_model, load_processor
 from trainer.objective import logprobs_and_entropy
 
@@ -162,6 +162,18 @@ def test_vllm_profile_has_head_size_64_and_names_the_stock_processor(tiny_vllm_d
     assert inputs["input_ids"][0].count(processor.image_token_id) == 4
     model = load_model(tiny_vllm_dir)
     assert model.config.text_config.hidden_size == 128
+
+
+def test_the_100mb_profile_holds_about_100_mb_of_float32_weights_with_head_size_64():
+    config = build_config(train_tokenizer(), "100mb")
+    text = config.text_config
+    assert text.hidden_size // text.num_attention_heads == 64
+    assert sum(text.rope_parameters["mrope_section"]) == 32
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    # Tied embeddings count once, as save_pretrained writes them.
+    megabytes = sum(p.numel() * 4 for p in model.parameters()) / 1e6
+    assert 90 < megabytes < 110
 
 
 def test_unknown_profile_is_refused(tmp_path):
