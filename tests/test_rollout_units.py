@@ -18,7 +18,7 @@ from rollout_server.app import create_app
 from rollout_server.backend import SamplingSpec, WeightsLoadError
 from rollout_server.config import RolloutSettings
 from rollout_server.service import VersionGate, derive_seed, gather_or_cancel
-from rollout_server.transformers_backend import RowSampler, _Row, processed_logprobs, sample_seed
+from rollout_server.transformers_backend import _Row, draw, processed_logprobs, sample_seed
 from rollout_server.weights import WeightsStager, check_compatible, tensor_layout
 from shared.settings import exposure_problem, warn_if_exposed
 from shared.tiny_model import build_tiny_model
@@ -52,10 +52,8 @@ def test_gumbel_max_sampling_draws_from_the_processed_distribution():
     # 20 000 draws from p = [.1, .2, .3, .4]: each frequency within 4 standard errors (~0.014).
     logits = torch.tensor([[LN(1), LN(2), LN(3), LN(4)]])
     row = _Row(SamplingSpec(max_tokens=20_000), torch.Generator().manual_seed(0))
-    sampler = RowSampler([row], suppressed_ids=[])
     for _ in range(20_000):
-        scores = sampler(torch.zeros(1, 1, dtype=torch.long), logits)
-        assert torch.isinf(scores).sum() == 3  # generate is handed a one-hot choice
+        draw([row], logits, suppressed_ids=[])
     counts = torch.bincount(torch.tensor(row.tokens), minlength=4).float() / 20_000
     torch.testing.assert_close(counts, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.014, rtol=0)
     assert row.logprobs[0] == pytest.approx(LN([0.1, 0.2, 0.3, 0.4][row.tokens[0]]), abs=1e-6)
@@ -64,9 +62,8 @@ def test_gumbel_max_sampling_draws_from_the_processed_distribution():
 def test_suppressed_tokens_are_never_drawn():
     logits = torch.tensor([[0.0, 5.0, 0.0]])
     row = _Row(SamplingSpec(max_tokens=500), torch.Generator().manual_seed(1))
-    sampler = RowSampler([row], suppressed_ids=[1])
     for _ in range(500):
-        sampler(torch.zeros(1, 1, dtype=torch.long), logits)
+        draw([row], logits, suppressed_ids=[1])
     assert 1 not in row.tokens and {0, 2} <= set(row.tokens)
     assert all(lp == pytest.approx(LN(0.5)) for lp in row.logprobs)
 
