@@ -49,6 +49,7 @@ from rollout_server.backend import (
     WeightsLoadError,
 )
 from shared.vlm import load_model, load_processor, suppressed_token_ids
+from shared.weight_broadcast import Invitation, copy_into, receive
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,14 @@ class TransformersBackend:
         except Exception as error:
             raise WeightsLoadError(f"could not load weights from {folder}: {error}") from error
         self.model = model
+
+    async def receive_broadcast(self, invitation: Invitation) -> None:
+        # In place: the tensors land in a staging copy first (``receive``), then into the live model.
+        tensors = await asyncio.to_thread(receive, invitation)
+        try:
+            await asyncio.to_thread(copy_into, self.model, tensors)
+        except ValueError as error:
+            raise WeightsLoadError(f"the broadcast weights do not fit the model: {error}") from error
 
     async def generate(self, request: GenerationRequest) -> Generation:
         inputs = await asyncio.to_thread(self._prepare, request.prompt, request.images)
