@@ -1,7 +1,8 @@
-"""Rollout throughput: what HTTP costs, and what dynamic batching buys, on the transformers backend.
+"""Rollout throughput: what HTTP costs, what batching buys, and what one prefill per prompt buys, on the
+transformers backend.
 
-Two questions about the rollout server, answered in one run on the same prompts, each against a
-baseline measured in that same run (so the machine's speed cancels out of every ratio):
+Three questions about the rollout server, answered in one run, each against a baseline measured in that
+same run (so the machine's speed cancels out of every ratio):
 
 1. **HTTP overhead.** The trainer reaches generation through ``POST /v1/rollouts``: JSON, base64 PNG
    images, pydantic validation, the chat template, a thread hop per image, and the response's way back.
@@ -11,22 +12,33 @@ baseline measured in that same run (so the machine's speed cancels out of every 
    are disabled so that both paths do the same generation work, and the server derives the per-prompt
    seed exactly as we do here, so both paths draw the very same tokens (checked, and reported). The
    ratio is HTTP time / in-process time for the same tokens; the target is at most 1.10.
-2. **Batching gain.** The server merges concurrent requests into one ``generate`` call. 1, 4 and 16 HTTP
-   clients (``httpx.AsyncClient``) share the prompts, each sending its share back to back; each request
-   is one prompt with ``n = 1``, so any batching comes from concurrency alone. The gain is generated
-   tokens/s at 16 clients over 1 client (the sequential HTTP run of question 1); the target is at least 3.
+2. **Batching gain.** Concurrent requests share the backend's decoding steps (a request joins the batch
+   at its next step). 1, 4 and 16 HTTP clients (``httpx.AsyncClient``) share the prompts, each sending its
+   share back to back; each request is one prompt with ``n = 1``, so any batching comes from concurrency
+   alone. The gain is generated tokens/s at 16 clients over 1 client (the sequential HTTP run of
+   question 1); the target is at least 3. The mean batch is sequences per decoding step, from the
+   server's ``cppo_rollout_batch_size`` histogram.
+3. **One prefill per prompt.** The demo's rollouts (configs/demo.yaml on the tiny model: 16 prompts × n 16,
+   its max_tokens and temperature, the views CPPO's passes ask for, one request per step as its trainer
+   sends them) through this backend and through the one before it, which ran ``generate`` over each prompt
+   repeated n times (the vision tower and the prompt's prefill once per sample). The "before" backend is
+   ``rollout_server/transformers_backend.py`` as commit ``--before`` has it, read with ``git show`` and
+   imported as a module of its own (this needs the git history); each backend runs behind its own
+   ``create_app`` in this process, reached through ``httpx.ASGITransport``, with ``cppo stack up``'s batch
+   size (the whole step), the two taking turns within every round. The gain is tokens/s after over before
+   (prompts/s is reported too); the target is at least 3. Both draw the very same tokens (checked).
 
 Throughput counts the tokens actually generated (``sum(len(token_ids))``): ``max_tokens`` is fixed and
-``stop`` is empty, but the model may still emit an end token early. Every path is warmed up with one
-request before timing; every measurement is repeated (``--repeats`` rounds, each round measuring every
-path, so that drift affects all paths alike) and the median is reported. The machine, the versions,
-the settings and the CPU that other processes used meanwhile are written with the results, which are
-only comparable on the machine they describe.
+``stop`` is empty, but the model may still emit an end token early. Every path is warmed up before timing;
+every measurement is repeated (``--repeats`` rounds, each round measuring every path, so that drift
+affects all paths alike) and the median is reported. The machine, the versions, the settings and the CPU
+that other processes used meanwhile are written with the results, which are only comparable on the machine
+they describe.
 
     .venv/bin/python bench/rollout_throughput.py [--model DIR] [--prompts N] [--max-tokens M] [--out FILE]
 
 By default a tiny random model (``shared.tiny_model``, profile ``transformers``) is built in a
-temporary folder; the run takes about three minutes on two CPU cores.
+temporary folder.
 """
 
 from __future__ import annotations
@@ -35,36 +47,50 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import types
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import torch
 import transformers
-from machine import CpuMeter, describe_machine
+from machine import REPO, CpuMeter, describe_machine
 from PIL import Image
 from results import add_out_argument, key_value_section, listed, met, preamble, spread, write_results
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from stats import ratios
 
+from rollout_server.app import create_app
 from rollout_server.backend import GenerationRequest, SamplingSpec
+from rollout_server.config import RolloutSettings
 from rollout_server.service import derive_seed
 from rollout_server.transformers_backend import TransformersBackend
 from shared import synth_data
 from shared.images import encode_image_data_url
 from shared.launch import running_service
 from shared.schemas import RolloutResponse
+from shared.synth_data import SynthSettings, write_dataset
 from shared.tiny_model import build_tiny_model
+from trainer.config import TrainConfig, load_config
+from trainer.data import training_prompts
+from trainer.objective import ALGORITHMS as OBJECTIVES
+from trainer.rollouts import prompt_views, rollout_request, step_seed
 
 HTTP_OVERHEAD_TARGET = 1.10
 """Most HTTP time / in-process time for the same tokens."""
 BATCHING_GAIN_TARGET = 3.0
 """Least throughput at 16 clients / throughput at 1 client."""
+PREFILL_SHARING_TARGET = 3.0
+"""Least tokens/s at the demo shape, this backend / the one before it."""
+BEFORE = "1184c3a79eac8d6455f7d5a1bb0da98b5202170c"
+"""The last commit whose backend ran ``generate`` over each prompt repeated ``n`` times."""
 CONCURRENCY = (1, 4, 16)
 
 console = Console(stderr=True)
@@ -262,6 +288,96 @@ def _mean_batch(before: tuple[float, float], after: tuple[float, float]) -> floa
     return (after[0] - before[0]) / calls if calls else None
 
 
+# --- section 3: one prefill per prompt, at the demo shape ----------------------------------------
+
+
+@dataclass
+class DemoShape:
+    """The demo's rollouts, this backend against the one before it, each behind its own in-process app."""
+
+    requests: list[dict]
+    """``POST /v1/rollouts`` bodies, one per training step, as the demo's trainer sends them."""
+    clients: dict[str, httpx.AsyncClient]
+    """By backend (``before``, ``after``): a client of that backend's app."""
+    batches: dict[str, list[int]]
+    """By backend: sequences per generation step (a ``generate`` call before, a decoding step after)."""
+    meter: CpuMeter
+
+    async def run(self, which: str) -> Run:
+        """Every step's request, one after the other, through ``which`` backend's app."""
+        samples: dict[str, list[int]] = {}
+        self.batches[which].clear()
+        cpu = self.meter.snapshot()
+        start = time.perf_counter()
+        for step, body in enumerate(self.requests):
+            response = await self.clients[which].post("/v1/rollouts", json=body)
+            response.raise_for_status()
+            for prompt in RolloutResponse.model_validate_json(response.content).prompts:
+                for sample in prompt.samples:
+                    samples[f"{step}/{prompt.prompt_id}/{sample.sample_index}"] = sample.token_ids
+        seconds = time.perf_counter() - start
+        return Run(seconds, samples, statistics.fmean(self.batches[which]), self.meter.others(cpu))
+
+
+def previous_backend(revision: str) -> type[TransformersBackend]:
+    """``TransformersBackend`` as ``revision`` had it, imported from git as a module of its own."""
+    path = "rollout_server/transformers_backend.py"
+    source = subprocess.run(
+        ["git", "show", f"{revision}:{path}"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    module = types.ModuleType("transformers_backend_before")
+    # Its dataclasses look their module up by name.
+    sys.modules[module.__name__] = module
+    exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
+    return module.TransformersBackend
+
+
+def demo_requests(model: Path, scratch: Path, steps: int) -> tuple[TrainConfig, list[dict]]:
+    """configs/demo.yaml on the tiny model and fresh synthetic data: the first ``steps`` steps' requests,
+    each with the step's prompts, the views CPPO's passes need, and the step's seed."""
+    data = write_dataset(scratch / "data", SynthSettings(train=200, test=8))
+    config = load_config(REPO / "configs/demo.yaml", [f"model.path={model}", f"data.path={data}"])
+    stream = training_prompts(config)
+    passes = OBJECTIVES[config.objective.algorithm].passes
+    requests = []
+    for step in range(1, steps + 1):
+        seed = step_seed(config.seed, step)
+        examples = stream.take(config.train.prompts_per_step)
+        prompts = [e.rollout_prompt(prompt_views(config, e, seed, passes)) for e in examples]
+        requests.append(rollout_request(config, prompts, seed).model_dump(mode="json"))
+    return config, requests
+
+
+@asynccontextmanager
+async def demo_apps(
+    model: Path, backends: dict[str, type[TransformersBackend]], max_batch_size: int, max_wait_ms: float
+) -> AsyncIterator[tuple[dict[str, httpx.AsyncClient], dict[str, list[int]]]]:
+    """Each backend behind its own app in this process (``cppo stack up``'s batch size: the whole step); the
+    apps' clients once every model is loaded, and each backend's step sizes."""
+    settings = RolloutSettings(model=str(model), max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    batches: dict[str, list[int]] = {name: [] for name in backends}
+    async with AsyncExitStack() as stack:
+        clients = {}
+        for name, backend in backends.items():
+            engine = backend(
+                str(model),
+                max_batch_size=max_batch_size,
+                max_wait_ms=max_wait_ms,
+                observe_batch=batches[name].append,
+            )
+            app = create_app(settings, engine)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://demo", timeout=600
+            )
+            clients[name] = await stack.enter_async_context(client)
+            while (await clients[name].get("/ready")).status_code != 200:
+                if app.state.startup.error is not None:
+                    raise RuntimeError(f"the {name} backend did not load: {app.state.startup.error}")
+                await asyncio.sleep(0.05)
+        yield clients, batches
+
+
 # --- the server ---------------------------------------------------------------------------------
 
 
@@ -298,6 +414,7 @@ def report(
     batching_lines, batching = batching_section(
         measurements, identical["concurrent"], settings["max_wait_ms"]
     )
+    demo_lines, demo = demo_section(measurements, identical["demo"], settings)
     others = [run.other_cores for m in measurements.values() for run in m.runs]
     lines = [
         *preamble(
@@ -312,6 +429,7 @@ def report(
         *key_value_section("Settings", settings),
         *overhead_lines,
         *batching_lines,
+        *demo_lines,
         f"Whole run, model build and server start included: {wall_seconds:.0f} s.",
         "",
     ]
@@ -320,6 +438,7 @@ def report(
         "settings": settings,
         "http_overhead": overhead,
         "batching_gain": batching,
+        "prefill_sharing": demo,
         "identical_samples": identical,
         "measurements": {name: m.summary() for name, m in measurements.items()},
         "wall_seconds": wall_seconds,
@@ -399,7 +518,7 @@ def batching_section(
         f"| ≥ {BATCHING_GAIN_TARGET:.0f}× | {met(gain >= BATCHING_GAIN_TARGET)} |",
         "",
         f"Round by round: {listed(gains[max(CONCURRENCY)])}. The 1-client row is the HTTP side of section 1.",
-        "Mean batch: sequences per `generate` call, from the server's `cppo_rollout_batch_size` histogram.",
+        "Mean batch: sequences per decoding step, from the server's `cppo_rollout_batch_size` histogram.",
         "Every concurrency level drew the same tokens as the in-process run: "
         f"{'yes' if identical else 'NO'}.",
         *_small_batches_note(measurements, max_wait_ms),
@@ -415,6 +534,51 @@ def batching_section(
     return lines, numbers
 
 
+def demo_section(
+    measurements: dict[str, Measurement], identical: bool, settings: dict[str, str]
+) -> tuple[list[str], dict]:
+    """Section 3, this backend against the one before it at the demo shape: its lines and its numbers."""
+    before, after = measurements["demo-before"], measurements["demo-after"]
+    gains = round_ratios(after, before, "tokens_per_second")
+    gain = statistics.median(gains)
+    prompts = int(settings["demo prompts per step"]) * int(settings["demo steps per round"])
+    lines = [
+        "## 3. One prefill per prompt (the demo shape, in-process apps)",
+        "",
+        f"Each round sends {settings['demo steps per round']} demo steps' `POST /v1/rollouts` "
+        f"({settings['demo shape']}) to each backend's app, one after the other.",
+        "",
+        "| backend | generated tokens | time (s) | tokens/s | mean batch | other processes (cores) "
+        "| prompts/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {label} | {table_row(m)} | {prompts / m.median('seconds'):.2f} |"
+            for label, m in ((f"before (`{settings['before']}`)", before), ("after (this commit)", after))
+        ),
+        "",
+        "| ratio | measured | target | |",
+        "|---|---:|---:|---|",
+        f"| tokens/s after ÷ before | {gain:.2f}× | ≥ {PREFILL_SHARING_TARGET:.0f}× "
+        f"| {met(gain >= PREFILL_SHARING_TARGET)} |",
+        "",
+        f"Round by round: {listed(gains)}. Mean batch: sequences per `generate` call before, per decoding",
+        "step after (a step's prefill counts each prompt's n sequences).",
+        f"Both backends drew identical tokens for every sample: {'yes' if identical else 'NO'}.",
+        "",
+    ]
+    numbers = {
+        "ratio": gain,
+        "by_round": gains,
+        "prompts_per_second": {
+            "before": prompts / before.median("seconds"),
+            "after": prompts / after.median("seconds"),
+        },
+        "target_min": PREFILL_SHARING_TARGET,
+        "met": gain >= PREFILL_SHARING_TARGET,
+    }
+    return lines, numbers
+
+
 def _small_batches_note(measurements: dict[str, Measurement], max_wait_ms: str) -> list[str]:
     """A line explaining batches well below the client count, where there were any."""
     short = []
@@ -425,9 +589,10 @@ def _small_batches_note(measurements: dict[str, Measurement], max_wait_ms: str) 
     if not short:
         return []
     return [
-        f"Batches held fewer sequences than there were clients ({', '.join(short)}): the batcher closes a",
-        f"batch {max_wait_ms} ms after its first request, and a request that reaches the queue later waits",
-        "for the whole next `generate` call.",
+        f"Batches held fewer sequences than there were clients ({', '.join(short)}): a request joins the",
+        "decoding batch at its next step, but from one answer until the same client's next request reaches",
+        "the batch (the response, JSON, image decoding and the processor, on the same cores) that client has",
+        f"no sequence in it. An idle backend waits {max_wait_ms} ms after a first request for others.",
     ]
 
 
@@ -443,6 +608,8 @@ class Options:
     max_batch_size: int
     max_wait_ms: float
     seed: int
+    demo_steps: int
+    before: str
     out: Path
 
 
@@ -457,6 +624,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--max-batch-size", type=int, default=64, help="the server's --max-batch-size")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
     parser.add_argument("--seed", type=int, default=0, help="data seed; request i samples with seed + i")
+    parser.add_argument(
+        "--demo-steps", type=int, default=3, help="demo steps per backend and round in section 3 (default 3)"
+    )
+    parser.add_argument(
+        "--before",
+        default=BEFORE,
+        help="the commit whose backend section 3 compares against (default: %(default).10s)",
+    )
     add_out_argument(parser, "rollout_throughput")
     args = parser.parse_args(argv)
     if args.prompts < max(CONCURRENCY):
@@ -512,11 +687,30 @@ async def measure(
                         progress.advance(task)
     await backend.close()
 
+    config, demo = demo_requests(model, log_dir, options.demo_steps)
+    rows = config.train.prompts_per_step * config.rollout.n
+    backends = {"before": previous_backend(options.before), "after": TransformersBackend}
+    async with demo_apps(model, backends, max(64, rows), options.max_wait_ms) as (clients, demo_batches):
+        shape = DemoShape(demo, clients, demo_batches, CpuMeter([os.getpid()]))
+        for name in backends:  # warm-up
+            await shape.run(name)
+        for repeat in range(options.repeats):
+            for name in ("before", "after") if repeat % 2 == 0 else ("after", "before"):
+                console.print(f"demo shape, round {repeat + 1}/{options.repeats}: {name}")
+                measurements.setdefault(f"demo-{name}", Measurement(f"demo-{name}")).runs.append(
+                    await shape.run(name)
+                )
+
     reference = measurements["in-process"].runs[0].samples
     identical = {
         "http": all(run.samples == reference for run in measurements["http-1"].runs),
         "concurrent": all(
             run.samples == reference for c in CONCURRENCY for run in measurements[f"http-{c}"].runs
+        ),
+        "demo": all(
+            run.samples == measurements["demo-before"].runs[0].samples
+            for name in ("demo-before", "demo-after")
+            for run in measurements[name].runs
         ),
     }
     settings = {
@@ -531,6 +725,12 @@ async def measure(
         "max_wait_ms": str(options.max_wait_ms),
         "rounds": str(options.repeats),
         "concurrency": ", ".join(map(str, CONCURRENCY)),
+        "demo shape": f"configs/demo.yaml: {config.train.prompts_per_step} prompts × n {config.rollout.n}, "
+        f"max_tokens {config.rollout.max_tokens}, temperature {config.rollout.temperature}, "
+        f"views for {config.objective.algorithm}'s passes, max_batch_size {max(64, rows)}",
+        "demo prompts per step": str(config.train.prompts_per_step),
+        "demo steps per round": str(options.demo_steps),
+        "before": options.before[:10],
     }
     info = describe_machine(
         {
