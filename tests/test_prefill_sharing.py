@@ -1,6 +1,6 @@
-"""The transformers backend prefills each prompt once for its ``n`` samples and lets requests join a batch that
-is already decoding; every sample must still be the one its own uncached, unbatched forward passes give
-with the same seed: the same tokens, and log-probs within float noise."""
+"""The transformers backend prefills each prompt once for its ``n`` samples and lets requests join a batch
+that is already decoding; every sample must still be the one its own uncached, unbatched forward passes
+give with the same seed: the same tokens, and log-probs within float noise."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def _image(size: tuple[int, int], colour: str) -> Image.Image:
     return Image.new("RGB", size, colour)
 
 
-def reference(backend: TransformersBackend, request: GenerationRequest) -> list[tuple[list[int], list[float]]]:
+def reference(
+    backend: TransformersBackend, request: GenerationRequest
+) -> list[tuple[list[int], list[float]]]:
     """Each sample on its own: the whole sequence through the model at every step (no cache, no padding,
     positions as the model computes them), its token drawn with the sample's own seeded generator."""
     inputs = backend._prepare(request.prompt, request.images)
@@ -39,10 +41,11 @@ def reference(backend: TransformersBackend, request: GenerationRequest) -> list[
             row.tokens[-1] not in backend.eos_ids and len(row.tokens) < request.sampling.max_tokens
         ):
             drawn = torch.tensor([row.tokens], dtype=torch.long)
+            input_ids = torch.cat([inputs["input_ids"], drawn], dim=1)
             sequence = {
                 **inputs,
-                "input_ids": torch.cat([inputs["input_ids"], drawn], dim=1),
-                "attention_mask": torch.ones(1, inputs["input_ids"].shape[1] + len(row.tokens), dtype=torch.long),
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
                 "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(drawn)], dim=1),
             }
             with torch.no_grad():
@@ -78,7 +81,7 @@ def run(tiny: Path, scenario: Callable[[TransformersBackend, list[int]], Awaitab
 
 def test_concurrent_requests_share_one_prefill_and_sample_as_alone(tiny):
     async def scenario(backend: TransformersBackend, steps: list[int]) -> None:
-        # Prompts of different lengths (images of 4 and 8 tokens, two images, none) and every kind of sampling.
+        # Prompts of different lengths (images of 4 and 8 tokens, two images, none), every kind of sampling.
         requests = [
             GenerationRequest(
                 _prompt(backend, "What colour is the shape?", 1),
@@ -126,7 +129,6 @@ def test_a_request_joins_a_batch_that_is_decoding(tiny):
             await asyncio.sleep(0.001)
         joined = await backend.generate(short)
         assert 2 + 3 in steps, f"the short request never decoded beside the long one: {steps}"
-        assert not running.done() or len(steps) > 5
         assert_matches_reference(backend, short, joined)
         assert_matches_reference(backend, long, await running)
 
