@@ -41,12 +41,15 @@ of prompts, every ratio between numbers measured in the same round (so the machi
      server) and of the views (encoded by the server, decoded by the trainer), timed in-process.
 
    The share is their sum over the whole CPPO step, round by round, and is reported for GRPO too.
-3. **Weight sync, seconds per MB**, by value (the safetensors file in the request body) and by reference
+3. **Weight sync, seconds per MB**, by value (the safetensors file in the request body), by reference
    (a Hugging Face folder in ``sync.dir``, loaded by path; the server runs with ``--weights-root`` over
-   it): ``Publisher.publish`` timed end to end (gathering and saving the weights, the request, the
-   server's load and swap), the two modes alternating, with the server's share from its histogram. The
-   tiny model's file is under 1 MB, so a fixed cost per publication (the server rebuilding its model)
-   weighs on the per-MB figure; the report gives the parts.
+   it) and by collective broadcast (``POST /v1/weights/broadcast``, then the tensors over gloo):
+   ``Publisher.publish`` timed end to end (gathering and saving the weights, the request, the server's
+   load and swap), the three modes taking turns in every round, with the server's share from its
+   histogram. Twice: on the tiny model (under 1 MB, where a fixed cost per publication, the server
+   rebuilding its model, dominates the per-MB figure) and on the ``100mb`` profile (about 100 MB of
+   weights, its own rollout server), where the per-MB cost shows; there the report gives by value's s/MB
+   over broadcast's, round by round (target ≥ 10×).
 
 Everything is warmed up with one untimed step per shape and algorithm and one publication per mode;
 ``--rounds`` rounds of steps are measured and medians reported. The machine, the versions, the settings
@@ -76,6 +79,8 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,7 +126,16 @@ PAPER_WHOLE_STEP = 1.39
 ALGORITHMS = ("grpo", "cppo")
 PHASES = ("prompts", "rollout", "reward", "rows", "update", "sync")
 SHAPES = ("demo", "paper")
-SYNC_MODES = ("value", "reference")
+SYNC_MODES = ("value", "reference", "broadcast")
+SYNC_ROUTES = {
+    "value": "/v1/weights/tensors",
+    "reference": "/v1/weights",
+    "broadcast": "/v1/weights/broadcast",
+}
+SYNC_MODELS = ("transformers", "100mb")
+"""The ``cppo tiny-model`` profiles the syncs are measured on."""
+BROADCAST_SPEEDUP_TARGET = 10.0
+"""Least by-value s/MB over broadcast s/MB, on the 100mb model."""
 ROLLOUT_ROUTE, SCORE_ROUTE = "/v1/rollouts", "/v1/score"
 JSON_ROUTES = (ROLLOUT_ROUTE, SCORE_ROUTE)
 
@@ -429,41 +443,86 @@ class Sync:
     other_cores: float
 
 
-def publish_once(rig: Rig, publisher: Publisher, mode: str) -> Sync:
-    route = "/v1/weights" if mode == "reference" else "/v1/weights/tensors"
-    before, cpu = rig.handlers(), rig.meter.snapshot()
+@dataclass
+class SyncTarget:
+    """A rollout server and a policy of the same model, published to."""
+
+    replicas: RolloutReplicas
+    url: str
+    policy: Policy
+    config: TrainConfig
+
+    def handler_seconds(self) -> dict[str, float]:
+        return handler_seconds(self.replicas.client, self.url, "cppo_rollout_request_seconds")
+
+
+def publish_once(rig: Rig, target: SyncTarget, publisher: Publisher, mode: str) -> Sync:
+    route = SYNC_ROUTES[mode]
+    before, cpu = target.handler_seconds(), rig.meter.snapshot()
     start = time.perf_counter()
     publisher.publish(rig.next_version())
     seconds = time.perf_counter() - start
     others = rig.meter.others(cpu)
-    server = rig.handlers().get(route, 0.0) - before.get(route, 0.0)
+    server = target.handler_seconds().get(route, 0.0) - before.get(route, 0.0)
     if mode == "reference":
         size = sum(f.stat().st_size for f in Path(publisher.last_path).glob("*.safetensors"))
-    else:
+    elif mode == "value":
         size = len(publisher.last_tensors)
+    else:
+        size = sum(t.numel() * t.element_size() for t in publisher.last_broadcast.weights.values())
     rig.rollout_posts.clear()
     return Sync(seconds, server, size / 2**20, others)
 
 
-def measure_syncs(rig: Rig, shape: Shape, rounds: int) -> dict[str, list[Sync]]:
-    """``rounds`` publications of the shape's CPPO policy per sync mode, the modes taking turns."""
-    config = shape.configs["cppo"]
+def measure_syncs(rig: Rig, target: SyncTarget, rounds: int) -> dict[str, list[Sync]]:
+    """``rounds`` publications of ``target``'s policy per sync mode, the modes taking turns in every round
+    (the order rotated from one round to the next)."""
+    sync = target.config.sync
     publishers = {
         mode: Publisher(
-            shape.policies["cppo"],
-            rig.replicas,
-            config.model_copy(update={"sync": config.sync.model_copy(update={"mode": mode})}),
+            target.policy,
+            target.replicas,
+            # Broadcast: the store on any free port, as on one machine.
+            target.config.model_copy(
+                update={"sync": sync.model_copy(update={"mode": mode, "broadcast_port": 0})}
+            ),
         )
         for mode in SYNC_MODES
     }
     syncs: dict[str, list[Sync]] = {mode: [] for mode in SYNC_MODES}
     for mode in SYNC_MODES:  # warm-up
-        publish_once(rig, publishers[mode], mode)
+        publish_once(rig, target, publishers[mode], mode)
     for number in range(rounds):
-        for mode in SYNC_MODES if number % 2 == 0 else SYNC_MODES[::-1]:
-            syncs[mode].append(publish_once(rig, publishers[mode], mode))
-            console.print(f"  sync {number + 1}/{rounds}: {mode}: {syncs[mode][-1].seconds:.2f} s")
+        shift = number % len(SYNC_MODES)
+        for mode in SYNC_MODES[shift:] + SYNC_MODES[:shift]:
+            syncs[mode].append(publish_once(rig, target, publishers[mode], mode))
+            console.print(f"  sync {number + 1}/{rounds}: {mode}: {syncs[mode][-1].seconds:.3f} s")
     return syncs
+
+
+@contextmanager
+def large_sync_target(scratch: Path, config: TrainConfig, threads: dict[str, str]) -> Iterator[SyncTarget]:
+    """The ``100mb`` model, a rollout server of its own, and a policy of it configured as ``config``."""
+    model = build_tiny_model(scratch / "model-100mb", profile="100mb")
+    run_dir = scratch / "run-100mb"
+    (run_dir / "weights").mkdir(parents=True)
+    args = ["--model", str(model), "--weights-root", str(run_dir), "--log-level", "warning"]
+    with running_service("rollout-server", args, scratch / "rollout-100mb.log", env=threads) as server:
+        large = config.model_copy(
+            update={
+                "run_dir": run_dir,
+                "model": config.model.model_copy(update={"path": str(model)}),
+                "rollout": config.rollout.model_copy(update={"urls": [server.url]}),
+            }
+        )
+        replicas = RolloutReplicas.from_config(large.rollout)
+        suppressed = suppressed_token_ids(load_processor(model).tokenizer)
+        try:
+            yield SyncTarget(
+                replicas, server.url, Policy(large, micro_batches_per_mini_batch(large), suppressed), large
+            )
+        finally:
+            replicas.close()
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -474,7 +533,7 @@ def report(
     settings: dict[str, str],
     shapes: dict[str, Shape],
     codecs: dict[str, dict[str, float]],
-    syncs: dict[str, list[Sync]],
+    syncs: dict[str, dict[str, list[Sync]]],
     wall_seconds: float,
 ) -> tuple[str, dict]:
     """The results as markdown, and as a dict for the JSON file."""
@@ -483,9 +542,9 @@ def report(
     implied_share = (PAPER_WHOLE_STEP - 1) / (r - 1) if r > 1 else float("nan")
     http = {a: http_share(shapes["demo"].steps[a], codecs[a]) for a in ALGORITHMS}
     share = http["cppo"]["share"]
-    sync = {mode: sync_summary(runs) for mode, runs in syncs.items()}
+    sync = {model: sync_summary(by_mode) for model, by_mode in syncs.items()}
     others = [s.other_cores for shape in shapes.values() for a in ALGORITHMS for s in shape.steps[a]]
-    others += [s.other_cores for runs in syncs.values() for s in runs]
+    others += [s.other_cores for by_mode in syncs.values() for runs in by_mode.values() for s in runs]
     demo = shapes["demo"]
     lines = [
         *preamble(
@@ -493,7 +552,7 @@ def report(
             "train_step.py",
             "Every ratio is between numbers measured in the same round; each figure is a median over rounds",
             f"({len(demo.steps['cppo'])} rounds of steps, {len(demo.updates['cppo'])} of updates alone, "
-            f"{len(syncs['value'])} publications per sync mode).",
+            f"{len(syncs['transformers']['value'])} publications per sync mode and model).",
         ),
         *key_value_section(
             "Machine", {**info, "CPU used by other processes while measuring": spread(others)}
@@ -563,16 +622,26 @@ def http_share(steps: list[Step], codecs: dict[str, float]) -> dict:
     }
 
 
-def sync_summary(runs: list[Sync]) -> dict:
-    """One sync mode's publications: medians of seconds and of seconds per MB, the server's share too."""
-    return {
-        "megabytes": runs[0].megabytes,
-        "seconds": statistics.median(s.seconds for s in runs),
-        "server_seconds": statistics.median(s.server_seconds for s in runs),
-        "seconds_per_mb": statistics.median(s.seconds / s.megabytes for s in runs),
-        "server_seconds_per_mb": statistics.median(s.server_seconds / s.megabytes for s in runs),
-        "rounds": [asdict(s) for s in runs],
+def sync_summary(by_mode: dict[str, list[Sync]]) -> dict:
+    """One model's publications: per mode, medians of seconds and of seconds per MB, the server's share
+    too; and by value's s/MB over broadcast's, round by round."""
+    summary: dict = {
+        mode: {
+            "megabytes": runs[0].megabytes,
+            "seconds": statistics.median(s.seconds for s in runs),
+            "server_seconds": statistics.median(s.server_seconds for s in runs),
+            "seconds_per_mb": statistics.median(s.seconds / s.megabytes for s in runs),
+            "server_seconds_per_mb": statistics.median(s.server_seconds / s.megabytes for s in runs),
+            "rounds": [asdict(s) for s in runs],
+        }
+        for mode, runs in by_mode.items()
     }
+    speedups = ratios(
+        (s.seconds / s.megabytes for s in by_mode["value"]),
+        (s.seconds / s.megabytes for s in by_mode["broadcast"]),
+    )
+    summary["broadcast_speedup"] = {"median": statistics.median(speedups), "by_round": speedups}
+    return summary
 
 
 def update_section(results: dict[str, dict], update_rounds: int) -> list[str]:
@@ -695,25 +764,36 @@ def http_section(http: dict[str, dict], codecs: dict[str, dict[str, float]]) -> 
 
 
 def sync_section(sync: dict[str, dict]) -> list[str]:
-    """Section 3: seconds per MB of a publication, by value and by reference."""
+    """Section 3: seconds per MB of a publication, by value, by reference and by broadcast, per model."""
+    large = sync["100mb"]["broadcast_speedup"]
     return [
         "## 3. Weight sync",
         "",
-        "| mode | weights (MB) | publish (s) | of which the server's handler (s) | publish s/MB "
+        "| model | mode | weights (MB) | publish (s) | of which the server's handler (s) | publish s/MB "
         "| server s/MB |",
-        "|---|---:|---:|---:|---:|---:|",
-        *(
-            f"| by {mode} | {sync[mode]['megabytes']:.2f} | {sync[mode]['seconds']:.3f} | "
-            f"{sync[mode]['server_seconds']:.3f} | **{sync[mode]['seconds_per_mb']:.4f}** | "
-            f"{sync[mode]['server_seconds_per_mb']:.4f} |"
-            for mode in SYNC_MODES
-        ),
+        "|---|---|---:|---:|---:|---:|---:|",
+        *(sync_row(model, mode, sync[model][mode]) for model in SYNC_MODELS for mode in SYNC_MODES),
         "",
-        "Publish: `Publisher.publish` end to end (gathering the weights, `save_pretrained`, the request, the",
-        "server's load and swap). The tiny model is under 1 MB, so the fixed cost of every load (the server",
-        "building its model afresh) weighs on these per-MB figures; a large model's would be lower.",
+        f"By value's s/MB over broadcast's, same round, on the 100mb model: **{large['median']:.1f}×** "
+        f"(rounds: {listed(large['by_round'], 1)}; target ≥ {BROADCAST_SPEEDUP_TARGET:g}×: "
+        f"{met(large['median'] >= BROADCAST_SPEEDUP_TARGET)}). On the tiny model: "
+        f"{sync['transformers']['broadcast_speedup']['median']:.1f}×.",
+        "",
+        "Publish: `Publisher.publish` end to end (gathering the weights; `save_pretrained` by value and",
+        "by reference; the request; the server's load and swap, or by broadcast its joining the group,",
+        "receiving and copying into the model). The tiny model is under 1 MB, so the fixed cost of every",
+        "load (the server building its model afresh, or making the group) weighs on its per-MB figures;",
+        "the 100mb model's show the cost per MB.",
         "",
     ]
+
+
+def sync_row(model: str, mode: str, summary: dict) -> str:
+    return (
+        f"| {model} | by {mode} | {summary['megabytes']:.2f} | {summary['seconds']:.3f} | "
+        f"{summary['server_seconds']:.3f} | **{summary['seconds_per_mb']:.4f}** | "
+        f"{summary['server_seconds_per_mb']:.4f} |"
+    )
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -794,7 +874,7 @@ def measure(options: Options, scratch: Path, started: float) -> tuple[str, dict]
         urls = {"rollout": rs.url, "reward": ws.url}
         init_distributed()
         by_shape = {shape: configs(shape, options, model, data, run_dir, urls) for shape in SHAPES}
-        replicas, rewards = connect(by_shape["demo"]["cppo"])
+        replicas, rewards = connect(by_shape["demo"]["cppo"], lambda: None)
         processor = load_processor(model)
         rig = Rig(
             processor,
@@ -815,10 +895,15 @@ def measure(options: Options, scratch: Path, started: float) -> tuple[str, dict]
         for shape in shapes.values():
             measure_shape(rig, shape, options)
         codecs = {a: serialisation(shapes["demo"], a, options.serialisation_repeats) for a in ALGORITHMS}
-        console.print("weight sync, by value and by reference")
-        syncs = measure_syncs(rig, shapes["demo"], options.sync_rounds)
+        console.print("weight sync on the tiny model: by value, by reference and by broadcast")
+        demo = shapes["demo"].configs["cppo"]
+        tiny = SyncTarget(replicas, urls["rollout"], shapes["demo"].policies["cppo"], demo)
+        syncs = {"transformers": measure_syncs(rig, tiny, options.sync_rounds)}
         replicas.close()
         rewards.close()
+    console.print("weight sync on the 100mb model")
+    with large_sync_target(scratch, demo, threads) as large:
+        syncs["100mb"] = measure_syncs(rig, large, options.sync_rounds)
     info = describe_machine(
         {
             "torch threads": str(torch.get_num_threads()),
@@ -846,7 +931,8 @@ def describe_settings(options: Options, shapes: dict[str, Shape], max_batch_size
         "algorithm, after one warm-up step each",
         "threads": f"{options.threads} torch thread(s) in every process (this one and the servers'; "
         "OMP_NUM_THREADS for the servers)",
-        "weight sync": f"{options.sync_rounds} publications per mode (after one warm-up each), CPPO's policy",
+        "weight sync": f"{options.sync_rounds} publications per mode (after one warm-up each), the modes "
+        "taking turns; the tiny model (CPPO's demo policy) and the 100mb profile (its own rollout server)",
     }
 
 

@@ -50,8 +50,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 """Safetensors' dtype names (what the served checkpoint's headers say) and torch's dtypes."""
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-# Every tensor starts at a multiple of this in its bucket, so that a slice can be viewed as any dtype.
-_ALIGN = 16
+# Every tensor starts at a multiple of this in its bucket: a slice can be viewed as any dtype, and is
+# aligned as torch aligns its own CPU tensors.
+_ALIGN = 64
 
 
 class BroadcastError(Exception):
@@ -237,15 +238,22 @@ def open_as_root(
 def send(
     group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta], bucket_bytes: int
 ) -> None:
-    """Broadcast ``tensors`` (described by ``metas``) to the group, bucket by bucket."""
+    """Broadcast ``tensors`` (described by ``metas``) to the group, bucket by bucket.
+
+    Every bucket is sent as soon as it is packed, and waited for at the end: packing overlaps sending, and
+    gloo moves several buckets at once (92 MB between two processes here: 0.19 s in one bucket, 0.07 s in
+    four)."""
     backend: Backend = "gloo" if isinstance(group, dist.ProcessGroupGloo) else "nccl"
     device = _device(backend)
+    sending = []
     for bucket in plan_buckets(metas, bucket_bytes):
         buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
         for index, offset in bucket.entries:
             data = tensors[index].detach().contiguous().reshape(-1).view(torch.uint8)
             buffer[offset : offset + data.numel()].copy_(data)
-        group.broadcast(buffer, 0).wait()
+        sending.append((group.broadcast(buffer, 0), buffer))  # the buffer lives until its work is done
+    for work, _ in sending:
+        work.wait()
 
 
 def join(invitation: Invitation) -> dist.ProcessGroup:
@@ -282,14 +290,17 @@ def receive(invitation: Invitation) -> dict[str, torch.Tensor]:
     group = join(invitation)
     device = _device(invitation.backend)
     received: dict[str, torch.Tensor] = {}
+    buckets = plan_buckets(invitation.tensors, invitation.bucket_bytes)
     try:
-        for bucket in plan_buckets(invitation.tensors, invitation.bucket_bytes):
-            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
-            group.broadcast(buffer, 0).wait()
-            buffer = buffer.cpu()
+        # Every bucket is posted at once, as the root sends them (see ``send``).
+        buffers = [torch.empty(bucket.nbytes, dtype=torch.uint8, device=device) for bucket in buckets]
+        for work in [group.broadcast(buffer, 0) for buffer in buffers]:
+            work.wait()
+        for bucket, buffer in zip(buckets, buffers, strict=True):
+            staged = buffer.cpu()
             for index, offset in bucket.entries:
                 meta = invitation.tensors[index]
-                data = buffer[offset : offset + meta.nbytes]
+                data = staged[offset : offset + meta.nbytes]
                 received[meta.name] = data.view(DTYPES[meta.dtype]).view(meta.shape)
     except RuntimeError as error:  # gloo's and NCCL's errors (a peer gone, a timeout)
         raise BroadcastError(f"receiving the weights failed: {error}") from error
@@ -297,8 +308,10 @@ def receive(invitation: Invitation) -> dict[str, torch.Tensor]:
 
 
 def copy_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Write checkpoint-named ``tensors`` into ``model``'s own parameters and buffers, in place (casting to
-    their dtype). Raises ``ValueError`` before writing anything if the names or shapes do not match."""
+    """Put checkpoint-named ``tensors`` into ``model``'s own parameters and buffers. A parameter of the same
+    dtype and device takes the received tensor as its data (no copy: on CPU the copy cost as much as the
+    transfer); the others are copied into, cast. Raises ``ValueError`` before touching anything if the
+    names or shapes do not match."""
     targets = checkpoint_tensors(model, model.state_dict())
     owned = {tensor.data_ptr() for tensor in [*model.parameters(), *model.buffers()]}
     problems = [f"unexpected {name}" for name in sorted(tensors.keys() - targets.keys())]
@@ -316,6 +329,12 @@ def copy_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     ]
     if problems:
         raise ValueError("; ".join(problems[:5]))
+    # Tied parameters are one object, so setting its data sets every name it has.
+    parameters = {parameter.data_ptr(): parameter for parameter in model.parameters() if parameter.numel()}
     with torch.no_grad():
         for name, tensor in tensors.items():
-            targets[name].copy_(tensor)
+            parameter = parameters.get(targets[name].data_ptr())
+            if parameter is not None and (parameter.dtype, parameter.device) == (tensor.dtype, tensor.device):
+                parameter.data = tensor
+            else:
+                targets[name].copy_(tensor)

@@ -34,6 +34,7 @@ from reward_server.config import RewardSettings
 from rollout_server.config import RolloutSettings
 from shared.cli import build_parser
 from shared.settings import exposure_problem
+from trainer.config import SyncConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -433,6 +434,12 @@ def test_compose_default_profile_is_the_cpu_demo() -> None:
         assert devices[0]["capabilities"] == ["gpu"], name
 
 
+def test_compose_trainers_expose_the_broadcast_groups_store() -> None:
+    services = compose()["services"]
+    port = str(SyncConfig.model_fields["broadcast_port"].default)
+    assert [services[name]["expose"] for name in ("trainer", "trainer-gpu")] == [[port], [port]]
+
+
 def test_compose_keys_come_from_the_env_file_and_hf_token_is_a_secret() -> None:
     text = COMPOSE_FILE.read_text()
     example = env_example()
@@ -569,12 +576,14 @@ def test_servers_probes_services_policies_and_scraping_match_the_code(overlay: s
         for service in selecting:
             for port in service["spec"]["ports"]:
                 assert ports.get(port["targetPort"], port["targetPort"]) == settings.port
+        # Port ranges are the broadcast group's (test_the_broadcast_group_is_open_between_its_members).
         allowed = [
             port["port"]
             for policy in policies.values()
             if policy["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
             for rule in policy["spec"].get("ingress", [])
             for port in rule.get("ports", [])
+            if "endPort" not in port
         ]
         assert allowed and set(allowed) <= {settings.port, 8000, 5000}, f"{overlay}: {server} policies"
         assert settings.port in allowed
@@ -599,7 +608,8 @@ def test_only_the_trainer_reaches_the_rollout_servers(overlay: str) -> None:
         if any(rollout_labels.get(e["key"]) not in e["values"] for e in expressions):
             continue
         for rule in policy["spec"].get("ingress", []):
-            sources += rule["from"]
+            if not is_broadcast_group_rule(rule):
+                sources += rule["from"]
     trainer = {"app.kubernetes.io/name": "cppo", "app.kubernetes.io/component": "trainer"}
     for source in sources:
         if "podSelector" in source:
@@ -614,6 +624,43 @@ def test_only_the_trainer_reaches_the_rollout_servers(overlay: str) -> None:
                     if item["name"] == "CPPO_ROLLOUT_API_KEY":
                         secret_users.add(template["metadata"]["labels"]["app.kubernetes.io/component"])
     assert secret_users == {"rollout", "trainer"}, f"{overlay}: the rollout key reaches {secret_users}"
+
+
+EPHEMERAL_PORTS = (32768, 60999)
+"""Linux's default ``ip_local_port_range``: where gloo and NCCL listen."""
+
+
+def is_broadcast_group_rule(rule: dict) -> bool:
+    """An ingress rule of the broadcast group's: only the ephemeral port range (never the HTTP port)."""
+    ports = rule.get("ports", [])
+    return bool(ports) and all((p["port"], p.get("endPort")) == EPHEMERAL_PORTS for p in ports)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=OVERLAY_IDS)
+def test_the_broadcast_group_is_open_between_its_members(overlay: str) -> None:
+    """sync.mode broadcast: the rollout pods reach the trainer's TCP store (sync.broadcast_port's default),
+    and trainer and rollout pods reach each other on the ephemeral ports gloo and NCCL listen on."""
+    objects = render_overlay(overlay)
+    labels = {
+        component: {"app.kubernetes.io/name": "cppo", "app.kubernetes.io/component": component}
+        for component in ("trainer", "rollout")
+    }
+
+    def admitted(to: str, source: str) -> set[tuple[int, int]]:
+        found = set()
+        for policy in by_kind(objects, "NetworkPolicy").values():
+            if not policy["spec"]["podSelector"].get("matchLabels", {}).items() <= labels[to].items():
+                continue
+            for rule in policy["spec"].get("ingress", []):
+                if any(s.get("podSelector", {}).get("matchLabels") == labels[source] for s in rule["from"]):
+                    found |= {(p["port"], p.get("endPort", p["port"])) for p in rule.get("ports", [])}
+        return found
+
+    store = SyncConfig.model_fields["broadcast_port"].default
+    assert (store, store) in admitted("trainer", "rollout"), overlay
+    for to, source in [("trainer", "rollout"), ("rollout", "trainer"), ("rollout", "rollout")]:
+        assert EPHEMERAL_PORTS in admitted(to, source), f"{overlay}: {source} -> {to}"
 
 
 @needs_kubectl

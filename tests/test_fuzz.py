@@ -70,6 +70,7 @@ ROLLOUT_ROUTES = [
     ("GET", "/v1/weights"),
     ("POST", "/v1/weights"),
     ("POST", "/v1/weights/tensors"),
+    ("POST", "/v1/weights/broadcast"),
 ]
 # Every GET takes no input at all: only a positive request can be made of it.
 NO_INPUT = {(method, path) for method, path in REWARD_ROUTES + ROLLOUT_ROUTES if method == "GET"}

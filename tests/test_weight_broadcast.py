@@ -44,13 +44,13 @@ CHAT = {
 def test_buckets_keep_the_order_align_every_tensor_and_give_a_large_one_a_bucket_of_its_own():
     tensors = (
         wb.TensorMeta("a", (3,), "F32"),  # 12 bytes
-        wb.TensorMeta("b", (5,), "BF16"),  # 10 bytes, at 16
+        wb.TensorMeta("b", (5,), "BF16"),  # 10 bytes, at 64
         wb.TensorMeta("big", (100,), "F64"),  # 800 bytes: alone
         wb.TensorMeta("c", (1,), "U8"),
     )
-    buckets = wb.plan_buckets(tensors, bucket_bytes=64)
-    assert [b.entries for b in buckets] == [((0, 0), (1, 16)), ((2, 0),), ((3, 0),)]
-    assert [b.nbytes for b in buckets] == [26, 800, 1]
+    buckets = wb.plan_buckets(tensors, bucket_bytes=128)
+    assert [b.entries for b in buckets] == [((0, 0), (1, 64)), ((2, 0),), ((3, 0),)]
+    assert [b.nbytes for b in buckets] == [74, 800, 1]
 
 
 def receive_in_a_thread(invitation: wb.Invitation, results: dict) -> threading.Thread:
@@ -175,8 +175,16 @@ def test_a_broadcast_lands_in_the_served_model_tensor_by_tensor_and_samples_as_a
         == by_broadcast["usage"]["completion_tokens"]
         > 0
     )
-    assert by_broadcast["choices"][0]["logprobs"] == by_value["choices"][0]["logprobs"]
-    assert by_broadcast["choices"][0]["message"] == by_value["choices"][0]["message"]
+    assert same_completion(by_broadcast, by_value)
+
+
+def same_completion(first: dict, second: dict) -> bool:
+    """The same tokens, and log-probs equal to float noise: a broadcast model's tensors live in the received
+    buckets, at other addresses than a loaded model's, and CPU kernels may then sum in another order."""
+    one, two = first["choices"][0]["logprobs"]["content"], second["choices"][0]["logprobs"]["content"]
+    return [t["token"] for t in one] == [t["token"] for t in two] and all(
+        abs(a["logprob"] - b["logprob"]) < 1e-5 for a, b in zip(one, two, strict=True)
+    )
 
 
 def invitation(weights: dict[str, torch.Tensor], **changes) -> dict:
@@ -255,4 +263,4 @@ def test_a_replica_that_refuses_is_set_aside_without_holding_the_others_up_and_c
         with httpx.Client(timeout=60, headers=AUTH) as client:
             again = client.post(away + "/v1/chat/completions", json=CHAT).json()
             here = client.post(url + "/v1/chat/completions", json=CHAT).json()
-    assert again["choices"][0]["logprobs"] == here["choices"][0]["logprobs"]
+    assert same_completion(again, here)

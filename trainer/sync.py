@@ -23,8 +23,9 @@ from trainer.policy import Policy
 
 log = logging.getLogger(__name__)
 
-BUCKET_BYTES = 256 << 20
-"""Broadcast buckets: large enough that per-bucket costs vanish, small enough to stage on a GPU."""
+BUCKET_BYTES = 32 << 20
+"""Broadcast buckets: large enough that per-bucket costs vanish, small enough that several are in flight
+at once (``shared.weight_broadcast.send``)."""
 
 
 class Publisher:
