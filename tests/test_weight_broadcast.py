@@ -264,3 +264,31 @@ def test_a_replica_that_refuses_is_set_aside_without_holding_the_others_up_and_c
             again = client.post(away + "/v1/chat/completions", json=CHAT).json()
             here = client.post(url + "/v1/chat/completions", json=CHAT).json()
     assert same_completion(again, here)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank: the trainer's and the server's"
+)
+def test_a_broadcast_over_nccl_serves_as_a_load_by_value_does(new_weights, tiny, tmp_path):
+    """The same as over gloo, with the trainer on GPU 0 and the server's receiving end on GPU 1."""
+    folder, weights = new_weights
+    root = wb.Root(0, "nccl", bucket_bytes=MIN_BUCKET_BYTES, timeout_s=120)
+    on_gpu = {name: tensor.to("cuda:0") for name, tensor in weights.items()}
+    args = ["--model", str(tiny), "--api-key", API_KEY]
+    second_gpu = {"CUDA_VISIBLE_DEVICES": "1"}
+    with (
+        running_server("rollout-server", args, tmp_path, env=second_gpu) as by_nccl,
+        running_server("rollout-server", args, tmp_path) as by_value,
+        httpx.Client(timeout=120, headers=AUTH) as client,
+    ):
+        assert replicas_of(by_nccl.url).publish(1, broadcast=Broadcast(root, on_gpu)) == [by_nccl.url]
+        loaded = client.post(
+            by_value.url + "/v1/weights/tensors",
+            params={"version": 1},
+            content=(folder / "model.safetensors").read_bytes(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert loaded.status_code == 200, loaded.text
+        answers = [client.post(s.url + "/v1/chat/completions", json=CHAT).json() for s in (by_nccl, by_value)]
+    assert same_completion(*answers)
