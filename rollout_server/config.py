@@ -78,7 +78,7 @@ class RolloutSettings(BaseSettings):
     max_model_len: int | None = Field(
         None, ge=16, description="context length, prompt and response (default: the model's)"
     )
-    max_batch_size: int = Field(64, ge=1, description="transformers: most sequences in one generate call")
+    max_batch_size: int = Field(64, ge=1, description="transformers: most sequences decoding together")
     max_queued_sequences: int | None = Field(
         None,
         ge=1,
@@ -86,7 +86,9 @@ class RolloutSettings(BaseSettings):
         "gets 429 with Retry-After, unless the server is idle (default: 16 x max_batch_size)",
     )
     max_wait_ms: float = Field(
-        5.0, ge=0, description="transformers: how long a batch waits for more requests, in ms"
+        5.0,
+        ge=0,
+        description="transformers: how long an idle server waits for more requests to share a prefill, in ms",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights dtype")
     gpu_memory_utilization: float = Field(

@@ -24,7 +24,7 @@ class RolloutMetrics(RequestMetrics):
         )
         self.batch_size = Histogram(
             "cppo_rollout_batch_size",
-            "Sequences per generate call (transformers backend)",
+            "Sequences per decoding step (transformers backend)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
