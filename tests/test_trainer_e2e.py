@@ -177,6 +177,34 @@ def test_training_steps_sync_weights_checkpoint_and_export(tmp_path, inputs, ser
     assert loaded.status_code == 200, loaded.text
 
 
+def test_training_with_broadcast_sync_serves_the_trained_weights(tmp_path, inputs, servers):
+    """sync.mode broadcast end to end: every step's weights reach the replica over the group, and what it
+    serves at the end is the final checkpoint, tensor by tensor (the replica loads it by path to compare)."""
+    config = _config(
+        tmp_path,
+        inputs,
+        [servers["rollout"].url],
+        servers["reward"].url,
+        sync={"mode": "broadcast", "broadcast_port": free_port()},
+        train={"steps": 2},
+    )
+    before = _version(servers["rollout"])
+    done = _train("--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert [m["policy_version"] for m in _metrics(tmp_path / "run")] == [before + 2, before + 3]
+    assert _version(servers["rollout"]) == before + 3
+    prompt = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4, "temperature": 0}
+    prompt |= {"logprobs": True}
+    with servers["rollout"].client() as client:
+        broadcast = client.post("/v1/chat/completions", json=prompt).json()["choices"][0]
+        final = tmp_path / "run/checkpoints/step-000002/policy"
+        assert client.post("/v1/weights", json={"path": str(final), "version": before + 4}).status_code == 200
+        loaded = client.post("/v1/chat/completions", json=prompt).json()["choices"][0]
+    assert broadcast["message"] == loaded["message"]
+    pairs = zip(broadcast["logprobs"]["content"], loaded["logprobs"]["content"], strict=True)
+    assert all(a["logprob"] == pytest.approx(b["logprob"], abs=1e-5) for a, b in pairs)
+
+
 # Each published layout, as its fixture holds it, trains for a step and evaluates.
 LAYOUTS = {
     "virl39k": (write_virl39k, {"holdout": 0.25}),
