@@ -339,7 +339,7 @@ def run_step(rig: Rig, shape: Shape, algorithm: str) -> Step:
     batch = ScoredBatch(step=1, examples=examples, rollouts=rollouts, rewards=rewards)
     rows_with_advantages(rig.processor, batch, views, config)
     made = time.perf_counter()
-    update(shape.policies[algorithm], shape.rows, shape.spare, config, rig.pad_id)
+    update(shape.policies[algorithm], shape.rows, shape.spare, [], config, rig.pad_id)
     updated = time.perf_counter()
     shape.publishers[algorithm].publish(rig.next_version())
     synced = time.perf_counter()
@@ -368,7 +368,7 @@ def run_step(rig: Rig, shape: Shape, algorithm: str) -> Step:
 def time_update(rig: Rig, shape: Shape, algorithm: str) -> float:
     """``trainer.loop.update`` alone, on the shape's fixed rows."""
     start = time.perf_counter()
-    update(shape.policies[algorithm], shape.rows, shape.spare, shape.configs[algorithm], rig.pad_id)
+    update(shape.policies[algorithm], shape.rows, shape.spare, [], shape.configs[algorithm], rig.pad_id)
     return time.perf_counter() - start
 
 
