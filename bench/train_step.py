@@ -246,7 +246,7 @@ class Step:
     requests: float
     """Client wall time of the rollout and score requests."""
     tokens: int
-    generate_calls: int
+    decoding_steps: int
     """``generate`` calls the rollout server made for the step's rollout request."""
     other_cores: float
 
@@ -677,7 +677,7 @@ def whole_step_sections(results: dict[str, dict], paper: Shape, implied_share: f
         *phase_table(
             "### The whole step, paper-like shape: the estimate (seconds, medians)", results["paper"]
         ),
-        *_generate_calls_note(paper),
+        *_decoding_steps_note(paper),
         "",
         "The estimate at the paper's shape is this table's whole step: the phases measured on the tiny model",
         "with the paper's instruction, reward, n = 8 and long responses, summed per algorithm. How much of a",
@@ -711,16 +711,16 @@ def phase_table(heading: str, result: dict) -> list[str]:
     ]
 
 
-def _generate_calls_note(shape: Shape) -> list[str]:
-    """Rollout seconds against the server's ``generate`` calls, round by round."""
+def _decoding_steps_note(shape: Shape) -> list[str]:
+    """Rollout seconds against the server's decoding steps, round by round."""
     parts = {
-        a: ", ".join(f"{s.phases['rollout']:.2f} s ({s.generate_calls})" for s in shape.steps[a])
+        a: ", ".join(f"{s.phases['rollout']:.2f} s ({s.decoding_steps})" for s in shape.steps[a])
         for a in ALGORITHMS
     }
     return [
         "",
-        "Rollout, round by round, with the server's `generate` calls for the step's request in brackets",
-        "(its batcher merges the step's per-prompt generations when they reach it together):",
+        "Rollout, round by round, with the server's decoding steps for the step's request in brackets",
+        "(a prefill, then one step per token; the step's prompts share them when they reach it together):",
         f"GRPO {parts['grpo']}; CPPO {parts['cppo']}.",
     ]
 
