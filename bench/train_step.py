@@ -222,7 +222,7 @@ class PostTimer:
 
 def handler_seconds(client: httpx.Client, url: str, metric: str) -> dict[str, float]:
     """The sum of the server's request-latency histogram, by route: its handlers' total time so far; for
-    the rollout server also its ``generate`` calls so far (``calls``)."""
+    the rollout server also its decoding steps so far (``calls``)."""
     sums = {}
     for line in client.get(url + "/metrics").text.splitlines():
         if line.startswith(f"{metric}_sum{{"):
