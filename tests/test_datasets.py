@@ -99,6 +99,8 @@ def test_the_holdout_is_the_same_for_every_seed_and_never_trained_on(tmp_path):
     assert len(trained) == 36 and not trained & held
     with pytest.raises(DataError, match=r"eval\.prompts is 5, but the eval\.holdout rows .* has 4 rows"):
         evaluation_examples(config(folder, "eval.holdout=0.1"), 5, BOUNDS)
+    with pytest.raises(DataError, match=r"eval\.holdout=0\.99 holds out all 40 rows"):
+        training_split(config(folder, "eval.holdout=0.99"))
 
 
 def test_geometry3k_as_on_the_hub(tmp_path):

@@ -211,6 +211,10 @@ def training_split(config: TrainConfig) -> Split:
     if not config.eval.holdout:
         return split
     kept = np.setdiff1d(np.arange(len(split.rows)), held_out(len(split.rows), config.eval.holdout))
+    if len(kept) == 0:
+        raise DataError(
+            f"eval.holdout={config.eval.holdout:g} holds out all {len(split.rows)} rows of {split.where}"
+        )
     return replace(split, rows=split.rows.select(kept))
 
 
@@ -390,7 +394,8 @@ class PromptStream:
         """Leave row ``index`` out from now on; stop the run once too many were bad."""
         self.bad.add(index)
         log.warning("skipped %s", error)
-        if len(self.bad) > self.max_skip_fraction * self.size:
+        # Every row bad would leave nothing to take, whatever the fraction allows.
+        if len(self.bad) > self.max_skip_fraction * self.size or len(self.bad) == self.size:
             raise DataError(
                 f"{len(self.bad)} of {self.size} examples were bad, more than data.max_skip_fraction "
                 f"({self.max_skip_fraction:g}); the last: {error}"
