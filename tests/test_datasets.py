@@ -20,6 +20,7 @@ from published_data import (
     write_virl39k,
 )
 
+from shared.images import ImageError
 from shared.schemas import ImagePart, TextPart
 from shared.vlm import PixelBounds, load_processor
 from trainer.config import PAPER_INSTRUCTION, load_config
@@ -224,3 +225,17 @@ def test_too_many_bad_examples_stop_the_run(tmp_path):
         DataError, match=r"3 of 20 examples were bad, more than data\.max_skip_fraction \(0\.1\)"
     ):
         stream.take(20)
+
+
+def test_image_cells_in_every_published_form(tmp_path):
+    """A path relative to the dataset folder, ``{bytes, path}`` and ``{path}`` (the Image feature
+    undecoded), raw file bytes and verl's ``{image: ...}``: the same pixels each time."""
+    from trainer.data import open_image
+
+    square("green").save(tmp_path / "g.png")
+    data = png(square("green"))
+    cells = ["g.png", {"bytes": data, "path": None}, {"bytes": None, "path": "g.png"}, data, {"image": data}]
+    for cell in cells:
+        assert open_image(cell, tmp_path, None).getpixel((28, 28)) == COLOURS["green"], cell
+    with pytest.raises(ImageError, match="cannot be a int"):
+        open_image(3, tmp_path, None)

@@ -244,14 +244,16 @@ def evaluation_split(config: TrainConfig) -> Split:
 
 
 def open_image(value: Any, root: Path, bounds: PixelBounds | None) -> Image.Image:
-    """A dataset image cell (a path relative to the dataset folder, ``{bytes, path}``, verl's
+    """A dataset image cell (a path relative to the dataset folder, ``{bytes, path}``, file bytes, verl's
     ``{image: ...}``, or a PIL image), decoded within the server's limits and sized as the model sees it."""
     if isinstance(value, Mapping) and "image" in value and not value.get("bytes"):
         value = value["image"]
     if isinstance(value, Image.Image):
         image = value.convert("RGB")
-    elif isinstance(value, Mapping) and value.get("bytes"):
-        image = decode_image_bytes(value["bytes"])
+    elif isinstance(value, bytes | Mapping) and (
+        raw := value if isinstance(value, bytes) else value.get("bytes")
+    ):
+        image = decode_image_bytes(raw)
     elif isinstance(value, str | Mapping) and (
         relative := value if isinstance(value, str) else value.get("path")
     ):
