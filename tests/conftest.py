@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen2.5-VL model folder (the default profile, seed 0), built offline in under a second."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny Qwen2.5-VL folders vLLM can serve (profile vllm, seeds 0 and 1): a model, and new weights
+    for it."""
+    root = tmp_path_factory.mktemp("vllm-models")
+    return (
+        build_tiny_model(root / "seed0", profile="vllm", seed=0),
+        build_tiny_model(root / "seed1", profile="vllm", seed=1),
+    )

@@ -32,7 +32,6 @@ from rollout_server.backend import (
 )
 from rollout_server.vllm_backend import VLLMBackend
 from shared import synth_data
-from shared.tiny_model import build_tiny_model
 from shared.vlm import VISION_PLACEHOLDER_TOKENS, load_model, load_processor, suppressed_token_ids
 from trainer.objective import logprobs_and_entropy
 
@@ -61,15 +60,6 @@ def images() -> tuple[Image.Image, Image.Image]:
     first, second = synth_data.generate("train", 2, seed=11)
     # Different sizes and aspect ratios: 4 and 12 image tokens, so M-RoPE positions are exercised.
     return first.image.resize((64, 64)), second.image.resize((112, 84))
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("vllm-models")
-    return (
-        build_tiny_model(root / "seed0", profile="vllm", seed=0),
-        build_tiny_model(root / "seed1", profile="vllm", seed=1),
-    )
 
 
 @pytest.fixture(scope="module")

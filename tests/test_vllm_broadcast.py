@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,6 @@ from rollout_server.vllm_backend import VLLMBackend
 from shared import weight_broadcast as wb
 from shared.launch import free_port
 from shared.schemas import MIN_BUCKET_BYTES
-from shared.tiny_model import build_tiny_model
 from shared.vlm import load_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -31,15 +29,6 @@ PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "<|im_start|>user\nWhat colour is the shape?<|im_end|>\n<|im_start|>assistant\n"
 )
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("vllm-models")
-    return (
-        build_tiny_model(root / "seed0", profile="vllm", seed=0),
-        build_tiny_model(root / "seed1", profile="vllm", seed=1),
-    )
 
 
 @pytest.fixture(scope="module")
