@@ -138,6 +138,17 @@ def replicas_of(*urls: str) -> RolloutReplicas:
     return RolloutReplicas(list(urls), None, SecretStr(API_KEY), timeout_s=60, attempts=1, outage_s=0)
 
 
+def load_by_value(client: httpx.Client, url: str, folder: Path) -> None:
+    """The folder's weights, sent as version 1 in the request body: what broadcast is compared with."""
+    loaded = client.post(
+        url + "/v1/weights/tensors",
+        params={"version": 1},
+        content=(folder / "model.safetensors").read_bytes(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert loaded.status_code == 200, loaded.text
+
+
 def served_tensors(backend: TransformersBackend) -> dict[str, torch.Tensor]:
     return wb.checkpoint_tensors(backend.model, backend.model.state_dict())
 
@@ -162,13 +173,7 @@ def test_a_broadcast_lands_in_the_served_model_tensor_by_tensor_and_samples_as_a
     # The same weights, loaded by value into a server of its own: the same tokens and log-probs.
     server = running_server("rollout-server", ["--model", str(tiny)], tmp_path)
     with server as other, httpx.Client(timeout=60) as client:
-        loaded = client.post(
-            other.url + "/v1/weights/tensors",
-            params={"version": 1},
-            content=(folder / "model.safetensors").read_bytes(),
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        assert loaded.status_code == 200, loaded.text
+        load_by_value(client, other.url, folder)
         by_value = client.post(other.url + "/v1/chat/completions", json=CHAT).json()
     assert (
         len(by_broadcast["choices"][0]["logprobs"]["content"])
@@ -283,12 +288,6 @@ def test_a_broadcast_over_nccl_serves_as_a_load_by_value_does(new_weights, tiny,
         httpx.Client(timeout=120, headers=AUTH) as client,
     ):
         assert replicas_of(by_nccl.url).publish(1, broadcast=Broadcast(root, on_gpu)) == [by_nccl.url]
-        loaded = client.post(
-            by_value.url + "/v1/weights/tensors",
-            params={"version": 1},
-            content=(folder / "model.safetensors").read_bytes(),
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        assert loaded.status_code == 200, loaded.text
+        load_by_value(client, by_value.url, folder)
         answers = [client.post(s.url + "/v1/chat/completions", json=CHAT).json() for s in (by_nccl, by_value)]
     assert same_completion(*answers)

@@ -182,8 +182,8 @@ def load_split(path: str, split: str, data: DataConfig, views_by: str | None = N
     rows, root = _load_rows(path, split)
     where = f"the {split} split of {path}"
     for name, feature in rows.features.items():
-        if _undecoded(feature) != feature:
-            rows = rows.cast_column(name, _undecoded(feature))
+        if (undecoded := _undecoded(feature)) != feature:
+            rows = rows.cast_column(name, undecoded)
     try:
         layout = detect_layout(rows.column_names, data.columns, where)
     except LayoutError as error:
