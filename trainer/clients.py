@@ -82,18 +82,20 @@ def _headers(api_key: SecretStr | None) -> dict[str, str]:
 
 
 def discover_replicas(url: str) -> list[str]:
-    """Every address the URL's host resolves to, as base URLs (a headless Service lists each pod)."""
+    """Every address the URL's host resolves to, as base URLs (a headless Service lists each ready pod).
+    Raises ``socket.gaierror`` when the name does not resolve."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as error:
-        raise ReplicaError(f"cannot resolve {parts.hostname}: {error}") from error
+    infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     addresses = sorted({info[4][0] for info in infos})
     return [
         urlunsplit((parts.scheme, f"[{a}]:{port}" if ":" in a else f"{a}:{port}", parts.path, "", ""))
         for a in addresses
     ]
+
+
+# How often a wait for a replica says what it waits for.
+WAIT_REPORT_EVERY_S = 30.0
 
 
 class RolloutReplicas:
@@ -117,12 +119,26 @@ class RolloutReplicas:
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rollout")
         self.urls: list[str] = []
         self.dead: dict[str, str] = {}
+        # Why discovery lists no replica, while it lists none.
+        self.unresolved: str | None = None
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the replica list and give every replica another chance."""
-        self.urls = discover_replicas(self.discover) if self.discover else list(self.static_urls)
+        """Re-read the replica list and give every replica another chance.
+
+        A discovery name that does not resolve lists no replica rather than failing: a headless Service's
+        name has no address until one of its pods is ready, so "no replica yet" looks exactly like this.
+        Waiting for one is bounded by the callers (``rollout.ready_timeout_s``, ``rollout.outage_s``)."""
         self.dead = {}
+        self.unresolved = None
+        if not self.discover:
+            self.urls = list(self.static_urls)
+            return
+        try:
+            self.urls = discover_replicas(self.discover)
+        except socket.gaierror as error:
+            self.urls = []
+            self.unresolved = f"{urlsplit(self.discover).hostname} does not resolve ({error.strerror})"
 
     def live(self) -> list[str]:
         return [url for url in self.urls if url not in self.dead]
@@ -168,7 +184,7 @@ class RolloutReplicas:
     def _revive(self, deadline: float, failure: str) -> list[str]:
         """Every replica has failed: give each another chance, and wait until one answers ``/ready`` (a
         restart, a network blip). ReplicaError past ``deadline``."""
-        reasons = "; ".join(f"{url}: {why}" for url, why in self.dead.items())
+        reasons = "; ".join(f"{url}: {why}" for url, why in self.dead.items()) or self.unresolved
         left = max(0.0, deadline - time.monotonic())
         log.warning("%s (%s); waiting up to %.0f s for a replica to come back", failure, reasons, left)
         self.refresh()
@@ -181,8 +197,10 @@ class RolloutReplicas:
         return self.live()
 
     def wait_until_ready(self, timeout_s: float) -> None:
-        """Block until at least one replica answers ``/ready``."""
-        deadline = time.monotonic() + timeout_s
+        """Block until at least one replica answers ``/ready``, saying now and then what it waits for."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        report_at = started
         while True:
             for url in self.live():
                 try:
@@ -190,12 +208,20 @@ class RolloutReplicas:
                         return
                 except httpx.TransportError:
                     pass
-            if time.monotonic() > deadline:
-                raise ReplicaError(f"no rollout replica of {self.urls} became ready in {timeout_s:.0f} s")
+            now = time.monotonic()
+            if now > deadline:
+                raise ReplicaError(f"no rollout replica became ready in {timeout_s:.0f} s: {self._awaited()}")
+            if now >= report_at:
+                waited, awaited = now - started, self._awaited()
+                log.warning("waiting for a rollout replica (%.0f s of %.0f): %s", waited, timeout_s, awaited)
+                report_at = now + WAIT_REPORT_EVERY_S
             self.health_check()
             time.sleep(0.5)
             if self.discover:
                 self.refresh()
+
+    def _awaited(self) -> str:
+        return self.unresolved or f"none of {self.urls} answers /ready"
 
     def rollouts(
         self,
@@ -218,7 +244,7 @@ class RolloutReplicas:
             live = self.live()
             if not live:
                 deadline = deadline or time.monotonic() + self.outage_s
-                live = self._revive(deadline, "every rollout replica failed")
+                live = self._revive(deadline, "no rollout replica is left")
             futures: dict[Future, tuple[int, str]] = {}
             for slot, chunk in pending.items():
                 url = live[slot % len(live)]

@@ -112,7 +112,9 @@ class RolloutConfig(Section):
     )
     discover: str | None = Field(
         default=None,
-        description="One base URL whose host resolves to every replica (a headless Service); replaces urls.",
+        description="One base URL whose host resolves to every ready replica (a headless Service), "
+        "re-resolved every step; replaces urls. A name that does not resolve means no replica is ready "
+        "yet: waited for up to ready_timeout_s at the start, and as an outage (outage_s) mid-run.",
     )
     api_key: SecretStr | None = Field(
         default_factory=lambda: _env_secret("CPPO_ROLLOUT_API_KEY"),
@@ -149,7 +151,12 @@ class RolloutConfig(Section):
         description="Seconds to wait for a replica to come back once every one has failed, before the run "
         "stops (the step's requests are retried then).",
     )
-    ready_timeout_s: float = Field(default=600.0, gt=0, description="Seconds to wait for a live replica.")
+    ready_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds to wait at the start for a replica to answer /ready (and for discover's name to "
+        "resolve); the wait is logged every 30 s.",
+    )
 
     @field_validator("positive_transforms", "negative_transforms")
     @classmethod
