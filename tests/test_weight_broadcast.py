@@ -75,6 +75,9 @@ def test_the_members_that_join_receive_every_tensor_bit_for_bit_and_a_late_one_i
         "scalar": torch.tensor(3.5, dtype=torch.float64),
         "big": torch.randn(300_000),  # larger than a bucket
     }
+    # More buckets than a sender keeps in flight, so that it waits for the first ones before packing more.
+    tensors |= {f"layer{i}": torch.randn(200_000) for i in range(2 * wb.IN_FLIGHT)}
+    assert len(wb.plan_buckets(wb.describe(tensors), MIN_BUCKET_BYTES)) > wb.IN_FLIGHT
     root = wb.Root(0, "gloo", bucket_bytes=MIN_BUCKET_BYTES, timeout_s=30)
     results: dict = {}
     threads = [

@@ -23,9 +23,10 @@ from trainer.policy import Policy
 
 log = logging.getLogger(__name__)
 
-BUCKET_BYTES = 32 << 20
+BUCKET_BYTES = 8 << 20
 """Broadcast buckets: large enough that per-bucket costs vanish, small enough that several are in flight
-at once (``shared.weight_broadcast.send``)."""
+at once (``shared.weight_broadcast.send``). Measured with gloo between two processes here, 92 MB: 32 MiB
+buckets took twice as long as 4 to 16 MiB ones; 1 MiB ones were slower again."""
 
 
 class Publisher:
