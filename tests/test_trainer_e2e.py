@@ -428,6 +428,8 @@ def test_two_process_zero3_under_accelerate_launch_publishes_the_gathered_model(
         # The perception-token picture at each evaluation: rank 0 samples, both ranks run the passes.
         eval={"every": 2, "prompts": 4, "inspect_prompts": 2},
         log={"tensorboard": True},
+        # A reference model too, sharded like the policy under ZeRO-3.
+        objective={"algorithm": "cppo", "beta": 0.01},
     )
     # The shipped Accelerate config, as a user runs it from the repository root (where _train runs);
     # only the size differs.
@@ -456,6 +458,10 @@ def test_two_process_zero3_under_accelerate_launch_publishes_the_gathered_model(
         assert min(present) - 1e-9 <= step["perception_token_fraction"] <= max(present) + 1e-9
     gas = ds["gradient_accumulation_steps"]
     assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (8, 8 * gas * 2)
+    # The sharded reference starts as the policy: the first step's k3 divergence is zero (its mini-batch
+    # is scored before the first optimizer step), and the policy has moved from it by the second.
+    kl = [step["kl_loss"] for step in _metrics(tmp_path / "run")[1:]]
+    assert kl[0] == pytest.approx(0.0, abs=1e-7) and kl[1] > 1e-9, kl
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "run/tensorboard"), size_guidance={"images": 0})

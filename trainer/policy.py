@@ -14,7 +14,10 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch import Tensor
+from transformers import PreTrainedModel
+from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from shared.vlm import load_model
 from trainer.config import TrainConfig
@@ -33,10 +36,10 @@ class Policy:
         self.config = config
         self.suppressed_ids = suppressed_ids
         self.temperature = config.rollout.temperature
-        model = load_model(config.model.path, dtype=torch.float32)
+        self.deepspeed_config = deepspeed_config(config, micro_batches_per_mini_batch, world_size())
+        model = load_for_deepspeed(config.model.path, torch.float32, self.deepspeed_config)
         if config.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.deepspeed_config = deepspeed_config(config, micro_batches_per_mini_batch, world_size())
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -45,8 +48,7 @@ class Policy:
         self._grad_norm = math.nan
         self.reference = None
         if config.objective.beta > 0:
-            self.reference = load_model(config.model.path, dtype=self.dtype).to(self.engine.device).eval()
-            self.reference.requires_grad_(False)
+            self.reference = reference_model(config.model.path, self.dtype, self.deepspeed_config)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,6 +136,58 @@ class Policy:
         self.engine.module.save_pretrained(
             folder, state_dict=state, safe_serialization=True, max_shard_size="100GB"
         )
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def load_for_deepspeed(path: str, dtype: torch.dtype, ds_config: dict) -> PreTrainedModel:
+    """The model at ``path``; under ZeRO-3 already sharded across the ranks as it loads.
+
+    With an ``HfDeepSpeedConfig`` alive, transformers builds the model inside ``deepspeed.zero.Init`` and
+    loads each tensor straight into its shards (Accelerate's ``zero3_init_flag``), so no rank ever holds the
+    whole model. The config is dropped once loaded: it is a process-wide switch that would make every later
+    ``from_pretrained`` (the processor's checks, a second model) shard too."""
+    if zero_stage(ds_config) != 3:
+        return load_model(path, dtype=dtype)
+    switch = HfDeepSpeedConfig(ds_config)
+    try:
+        return load_model(path, dtype=dtype)
+    finally:
+        unset_hf_deepspeed_config()
+        del switch
+
+
+def reference_config(ds_config: dict) -> dict:
+    """The frozen reference's DeepSpeed config: the policy's ZeRO-3 sharding and parameter offload, without
+    optimizer, gradients or accumulation (OpenRLHF's evaluation config)."""
+    zero = ds_config["zero_optimization"]
+    return {
+        "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {
+            "stage": 3,
+            **({"offload_param": zero["offload_param"]} if "offload_param" in zero else {}),
+        },
+        "bf16": ds_config.get("bf16", {"enabled": False}),
+        "steps_per_print": ds_config.get("steps_per_print", 1 << 30),
+    }
+
+
+def reference_model(path: str, dtype: torch.dtype, ds_config: dict) -> torch.nn.Module:
+    """The frozen reference policy π_ref, in eval mode, for passes without gradient.
+
+    Under ZeRO-3 it is sharded like the policy, in a DeepSpeed engine of its own, so every rank holds a
+    share of it, as of the policy; every rank must then run its passes together. Below stage 3 the policy's
+    parameters are whole on every rank anyway, and so is the reference, a plain module."""
+    if zero_stage(ds_config) != 3:
+        reference = load_model(path, dtype=dtype).to(get_accelerator().current_device_name())
+    else:
+        config = reference_config(ds_config)
+        reference, *_ = deepspeed.initialize(model=load_for_deepspeed(path, dtype, config), config=config)
+    reference.requires_grad_(False)
+    return reference.eval()
 
 
 def response_logprobs(
