@@ -169,8 +169,10 @@ def test_the_cpu_demo_becomes_one_valid_pod_with_every_container_and_volume(rend
     assert aliases["ip"] == "127.0.0.1"
     assert {"cppo-rollout-headless", "cppo-reward"} <= set(aliases["hostnames"])
     assert "cppo-rollout-headless" in train["rollout"]["discover"] and "cppo-reward" in train["reward"]["url"]
+    # Each ConfigMap becomes a named volume that outlives the pod: it carries the check's name too.
     trainer_volume = next(v for v in pod["volumes"] if "configMap" in v)
     assert trainer_volume["configMap"]["name"] == config_map["metadata"]["name"]
+    assert config_map["metadata"]["name"].startswith("kube-check-cppo-train-config-")
 
 
 def test_a_pytorchjob_is_refused_with_the_reason():

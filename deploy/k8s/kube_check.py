@@ -315,7 +315,7 @@ class Converted:
     pod: str
     trainer: str  # the trainer's container
     probes: list[Probe]
-    volumes: list[str]  # the named volumes kube play creates for the claims
+    volumes: list[str]  # the named volumes kube play creates for the claims and ConfigMaps
     run_dir: str
     steps: int
 
@@ -342,7 +342,7 @@ def convert(objects: list[dict], steps: int, image_prefix: str, prefix: str = "k
     podman has no Services, StatefulSets or Jobs, runs no probes and mishandles Secrets and named probe
     ports; so: one pod whose containers reach each other on 127.0.0.1 under the Service names
     (hostAliases), one-shot Jobs as init containers, Secret values inlined, probes left to the check, and
-    the claims renamed after ``prefix`` so that a run never reuses anyone's volume."""
+    claims and ConfigMaps renamed after ``prefix`` so that a run never reuses anyone's volume."""
     if problems := [f"{o['kind']}/{o['metadata']['name']}" for o in objects if o["kind"] == "PyTorchJob"]:
         raise CheckError(f"podman cannot run {', '.join(problems)} (it needs the training operator)")
     jobs = named(objects, "Job")
@@ -350,7 +350,9 @@ def convert(objects: list[dict], steps: int, image_prefix: str, prefix: str = "k
         raise CheckError(f"the overlay has no Job {TRAINER_JOB} to run")
     secrets = secret_values(objects)
     pod_name = prefix
+    # kube play makes a named volume of each claim and each ConfigMap, which stays after the pod.
     claims = {name: f"{prefix}-{name}" for name in named(objects, "PersistentVolumeClaim")}
+    config_names = {name: f"{prefix}-{name}" for name in named(objects, "ConfigMap")}
     services = sorted(named(objects, "Service"))
     hostnames = list(services)
     for name, stateful in named(objects, "StatefulSet").items():
@@ -381,6 +383,11 @@ def convert(objects: list[dict], steps: int, image_prefix: str, prefix: str = "k
             volume = {**volume, "name": new}
             if claim:
                 volume["persistentVolumeClaim"] = {**volume["persistentVolumeClaim"], "claimName": new}
+            if "configMap" in volume:
+                volume["configMap"] = {
+                    **volume["configMap"],
+                    "name": config_names[volume["configMap"]["name"]],
+                }
             volumes[new] = volume
         one_shot = obj["kind"] == "Job" and obj["metadata"]["name"] != TRAINER_JOB
         for container in spec.get("initContainers", []) + spec["containers"]:
@@ -407,7 +414,7 @@ def convert(objects: list[dict], steps: int, image_prefix: str, prefix: str = "k
     config_maps, run_dir = [], ""
     for name, config_map in named(objects, "ConfigMap").items():
         config_map = copy.deepcopy(config_map)
-        config_map["metadata"] = {"name": name}
+        config_map["metadata"] = {"name": config_names[name]}
         if "train.yaml" in config_map.get("data", {}):
             train = yaml.safe_load(config_map["data"]["train.yaml"])
             train["train"]["steps"] = steps
@@ -445,7 +452,7 @@ def convert(objects: list[dict], steps: int, image_prefix: str, prefix: str = "k
         pod=pod_name,
         trainer=f"{pod_name}-{trainer}",
         probes=probes,
-        volumes=list(claims.values()),
+        volumes=[*claims.values(), *config_names.values()],
         run_dir=run_dir,
         steps=steps,
     )
