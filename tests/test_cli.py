@@ -120,7 +120,8 @@ def test_a_trainer_command_error_is_its_only_line(tmp_path):
     result = run("export", str(tmp_path / "no-checkpoint"), str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"cppo export: error: {tmp_path / 'no-checkpoint'} is not a checkpoint (no policy/config.json)"
+        f"cppo export: error: {tmp_path / 'no-checkpoint'} is not a checkpoint "
+        "(no policy/config.json or adapter_config.json)"
     ]
 
 

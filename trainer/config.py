@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -42,12 +43,40 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraSettings(Section):
+    r: int = Field(default=8, ge=1, description="Rank of each adapter's update B·A.")
+    alpha: float = Field(default=16.0, gt=0, description="Scale of the update: W + (alpha / r)·B·A.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Linear layers that get an adapter, by the last part of their name (Qwen-VL's language "
+        "model: q_proj … down_proj); matched in the vision tower too unless model.freeze_vision.",
+    )
+
+
 class ModelConfig(Section):
     path: str = Field(default="runs/demo/model", description="Policy to start from: a HF folder or hub id.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="Training precision; auto is bf16 on GPU and fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    lora: LoraSettings | None = Field(
+        default=None,
+        description="Train a LoRA adapter (PEFT) on the frozen model instead of every weight; null is full "
+        "fine-tuning. `lora: {}` takes the defaults below. The reference policy is then the model with its "
+        "adapter off: no second copy. docs/lora.md.",
+    )
+    freeze_vision: bool = Field(
+        default=False,
+        description="Keep the vision tower (patch embedding and blocks, not the merger) as it is: no "
+        "gradient, and no adapter with lora.",
+    )
+    freeze_merger: bool = Field(
+        default=False,
+        description="Keep the vision-to-language merger (projector) as it is; otherwise it trains whole, "
+        "with lora too.",
+    )
 
 
 ColumnRole = Literal["problem", "answer", "images", "id", "data_source"]
@@ -454,6 +483,11 @@ def describe_fields(
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(describe_fields(annotation, f"{prefix}{name}."))
             continue
+        if (section := _optional_section(annotation)) is not None:
+            # A section that is off unless given (model.lora): listed, then its keys with their defaults.
+            rows.append((f"{prefix}{name}", f"{section.__name__} | None", "None", field.description or ""))
+            rows.extend(describe_fields(section, f"{prefix}{name}."))
+            continue
         shown = (
             "(secret)"
             if isinstance(value, SecretStr)
@@ -461,6 +495,14 @@ def describe_fields(
         )
         rows.append((f"{prefix}{name}", _type_name(annotation), shown, field.description or ""))
     return rows
+
+
+def _optional_section(annotation: Any) -> type[BaseModel] | None:
+    """``X`` of an ``X | None`` field whose ``X`` is a section, else None."""
+    if get_origin(annotation) not in (Union, UnionType):
+        return None
+    sections = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return sections[0] if len(sections) == 1 and type(None) in get_args(annotation) else None
 
 
 def _type_name(annotation: Any) -> str:

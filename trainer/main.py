@@ -93,7 +93,7 @@ def run_export(args: argparse.Namespace) -> None:
     _name_the_accelerator()
     from trainer.checkpoint import export
 
-    out = export(args.checkpoint, args.out)
+    out = export(args.checkpoint, args.out, merge=args.merge)
     print(f"exported {args.checkpoint} to {out}")
 
 
@@ -148,10 +148,18 @@ def add_commands(commands: Subcommands) -> None:
     export = commands.add_parser(
         "export",
         help="write a checkpoint's policy as a Hugging Face folder the rollout server can serve",
-        description="Copy a checkpoint's policy (weights, config, processor) into a Hugging Face folder.",
+        description="Copy a checkpoint's policy (weights, config, processor) into a Hugging Face folder; "
+        "of a LoRA run, its adapter in PEFT's format (PeftModel.from_pretrained loads it onto the base "
+        "model it names), or with --merge the base model with the adapter merged in.",
     )
     export.add_argument("checkpoint", type=Path, help="a checkpoint folder (run_dir/checkpoints/step-...)")
     export.add_argument("out", type=Path, help="output folder")
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="of a LoRA run: write the whole merged model, which the rollout server serves (a full "
+        "fine-tuning checkpoint is whole already)",
+    )
     export.set_defaults(handler=run_export)
 
     inspect = commands.add_parser(

@@ -15,6 +15,7 @@ from pathlib import Path
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
@@ -24,6 +25,7 @@ from trainer.config import TrainConfig
 from trainer.distributed import rank, world_size
 from trainer.ds_config import deepspeed_config, use_bf16
 from trainer.experience import Batch
+from trainer.lora import make_trainable, merged_state
 from trainer.objective import ALGORITHMS, ObjectiveInputs, logprobs_and_entropy, masked_mean, policy_objective
 
 
@@ -40,15 +42,27 @@ class Policy:
         model = load_for_deepspeed(config.model.path, torch.float32, self.deepspeed_config)
         if config.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        model = make_trainable(model, config.model)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.deepspeed_config,
         )
         self._grad_norm = math.nan
+        # With LoRA the reference is the same model with its adapter off (reference_logprobs).
         self.reference = None
-        if config.objective.beta > 0:
+        if config.objective.beta > 0 and not self.lora:
             self.reference = reference_model(config.model.path, self.dtype, self.deepspeed_config)
+
+    @property
+    def lora(self) -> bool:
+        """Whether a LoRA adapter trains on the frozen model (``model.lora``), rather than every weight."""
+        return self.config.model.lora is not None
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The transformers model inside the engine (with its LoRA layers, if any)."""
+        return transformers_model(self.engine)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,6 +76,15 @@ class Policy:
         """Log-probs and entropies under the current weights, without gradient (old and reference)."""
         self.engine.eval()
         return {name: self.logprobs(self.engine, batch, name) for name in passes}
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch) -> Tensor:
+        """ℓ_ref of the clean pass: the reference model's, or with LoRA the policy's with its adapter off
+        (the frozen starting model, without a second copy in memory)."""
+        if self.reference is not None:
+            return self.logprobs(self.reference, batch, "clean")[0]
+        with self.engine.module.disable_adapter():
+            return self.logprobs(self.engine, batch, "clean")[0]
 
     def micro_step(
         self, batch: Batch, logp_old: Tensor | None, weight: float, tis_cap: float | None
@@ -86,9 +109,8 @@ class Policy:
         inputs = ObjectiveInputs(
             logp=logp, entropy=entropy, logp_old=old, advantages=advantages, response_mask=mask
         )
-        if self.reference is not None:
-            with torch.no_grad():
-                inputs.logp_ref, _ = self.logprobs(self.reference, batch, "clean")
+        if self.config.objective.beta > 0:
+            inputs.logp_ref = self.reference_logprobs(batch)
         loss, metrics = policy_objective(inputs, self.config.objective)
         self.engine.backward(loss * weight, scale_wrt_gas=False)
         if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
@@ -120,22 +142,37 @@ class Policy:
 
     @contextmanager
     def full_weights(self) -> Iterator[dict[str, Tensor] | None]:
-        """The full state dict on rank 0 (gathered from the shards under ZeRO-3), None elsewhere.
+        """The full state dict on rank 0 (gathered from the shards under ZeRO-3), None elsewhere; with
+        LoRA, the merged weights under the base model's names.
 
         Every rank must enter it: under ZeRO-3 the gather is collective."""
         module = self.engine.module
-        if self.engine.zero_optimization_stage() == 3:
-            params = list(module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                yield _cpu_state(module) if rank() == 0 else None
-        else:
-            yield _cpu_state(module) if rank() == 0 else None
+        with self._gathered(list(module.parameters())):
+            if rank() != 0:
+                yield None
+            else:
+                yield _cpu_state(merged_state(module) if self.lora else module.state_dict())
 
     def save_pretrained(self, folder: Path, state: dict[str, Tensor]) -> None:
         """A Hugging Face folder (config + safetensors) of ``state``, as the rollout server loads it."""
-        self.engine.module.save_pretrained(
-            folder, state_dict=state, safe_serialization=True, max_shard_size="100GB"
-        )
+        self.model.save_pretrained(folder, state_dict=state, safe_serialization=True, max_shard_size="100GB")
+
+    def save_adapter(self, folder: Path) -> None:
+        """The LoRA adapter (and the merger, if it trains) in PEFT's format, which
+        ``PeftModel.from_pretrained`` loads onto ``model.path``. Every rank calls it; rank 0 writes."""
+        module = self.engine.module
+        with self._gathered([p for p in module.parameters() if p.requires_grad]):
+            if rank() == 0:
+                module.save_pretrained(folder)
+
+    @contextmanager
+    def _gathered(self, params: list[torch.nn.Parameter]) -> Iterator[None]:
+        """``params`` whole on every rank for the duration: gathered from their shards under ZeRO-3."""
+        if self.engine.zero_optimization_stage() == 3:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield
+        else:
+            yield
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -222,7 +259,7 @@ def teacher_forced_logits(
     if "pixel_values" in prompts:
         prompts["pixel_values"] = prompts["pixel_values"].to(dtype)
     owner, response_ids = owner.to(device), response_ids.to(device)
-    core = getattr(model, "module", model).model
+    core = transformers_model(model).model
     mask = prompts["attention_mask"]
     positions, _ = core.get_rope_index(
         prompts["input_ids"], prompts["mm_token_type_ids"], prompts.get("image_grid_thw"), attention_mask=mask
@@ -250,11 +287,17 @@ def teacher_forced_logits(
     return torch.cat([first, rest.logits], dim=1).float()
 
 
-def _cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
-    """A CPU copy of the module's tensors; tied ones (lm_head = embeddings) once, as save_pretrained
-    stores them, so the copy has exactly the served checkpoint's names."""
+def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a DeepSpeed engine and a PEFT wrapper, whichever of them are there."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _cpu_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A CPU copy of a state dict; tied tensors (lm_head = embeddings) once, as save_pretrained stores
+    them, so the copy has exactly the served checkpoint's names."""
     state, seen = {}, set()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in tensors.items():
         key = (tensor.data_ptr(), tensor.shape)
         if tensor.numel() and key in seen:
             continue

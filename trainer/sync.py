@@ -57,7 +57,7 @@ class Publisher:
                         self.policy.save_pretrained(Path(scratch), weights)
                         self.last_tensors = (Path(scratch) / "model.safetensors").read_bytes()
                 else:
-                    named = checkpoint_tensors(self.policy.engine.module, weights)
+                    named = checkpoint_tensors(self.policy.model, weights)
                     self.last_broadcast = Broadcast(self._root(), named)
                 self._send(version)
                 self._prune()
