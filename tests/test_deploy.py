@@ -393,6 +393,85 @@ def test_docker_readme_lists_every_dockerfile() -> None:
         assert path.name in readme, f"deploy/docker/README.md does not list {path.name}"
 
 
+def dockerfile_stages(path: Path) -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for instruction, rest in dockerfile_instructions(path):
+        if instruction == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instruction, rest))
+    return stages
+
+
+@pytest.mark.parametrize("path", dockerfiles(), ids=lambda path: path.name)
+def test_dockerfile_pip_settings_come_from_the_build(path: Path) -> None:
+    """Index URLs from build args, pip.conf and an extra CA from build secrets; nothing baked in."""
+    for stage in dockerfile_stages(path):
+        runs = [rest for instruction, rest in stage if instruction == "RUN"]
+        installs = [run for run in runs if re.search(r"pip (install|wheel|download)", run)]
+        assert not [run for run in installs if "cppo-pip" not in run], f"{path.name}: pip without cppo-pip"
+        if not installs:
+            continue
+        args = {rest for instruction, rest in stage if instruction == "ARG"}
+        assert {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"} <= args, (
+            f"{path.name}: a stage runs pip without the args"
+        )
+        for run in installs:
+            for secret in ("pip.conf", "ca.pem"):
+                assert f"--mount=type=secret,id={secret}" in run, f"{path.name}: {run[:60]}… lacks {secret}"
+        for run in installs:
+            # An index holding only torch must be enough: torch's index is an extra one, never the only one.
+            assert "--index-url" not in run.replace("--extra-index-url", ""), f"{path.name}: {run[:80]}"
+    assert not [
+        rest
+        for instruction, rest in dockerfile_instructions(path)
+        if instruction == "ENV" and "PIP_INDEX" in rest
+    ]
+
+
+def test_trainer_cpu_image_builds_deepspeeds_op_and_ships_no_compiler() -> None:
+    build, runtime = dockerfile_stages(DOCKER_DIR / "trainer-cpu.Dockerfile")
+    build_runs = " ".join(rest for instruction, rest in build if instruction == "RUN")
+    assert "DS_BUILD_SHM_COMM=1" in build_runs and "--no-build-isolation" in build_runs
+    assert "deepspeed_shm_comm_op" in build_runs, "the build should import the op it built"
+    runtime_runs = " ".join(rest for instruction, rest in runtime if instruction == "RUN")
+    assert not re.search(r"\b(g\+\+|gcc|build-essential|python3-dev)\b", runtime_runs)
+
+
+def test_compose_takes_the_base_and_pip_settings_from_the_environment() -> None:
+    dockerfile_base = {
+        path.name: dict(
+            rest.partition("=")[::2]
+            for instruction, rest in dockerfile_instructions(path)
+            if instruction == "ARG"
+        )["PYTHON_IMAGE"]
+        for path in dockerfiles()
+    }
+    for name, service in compose()["services"].items():
+        if "build" not in service:
+            continue
+        args = service["build"]["args"]
+        dockerfile = Path(service["build"]["dockerfile"]).name
+        assert args["PYTHON_IMAGE"] == f"${{PYTHON_IMAGE:-{dockerfile_base[dockerfile]}}}", name
+        # No value: passed from the environment when set, else the Dockerfile's default.
+        assert args["PIP_INDEX_URL"] is None and args["PIP_EXTRA_INDEX_URL"] is None, name
+        if "TORCH_INDEX_URL" in args:
+            assert args["TORCH_INDEX_URL"] is None, name
+
+
+def test_test_images_builds_what_compose_runs() -> None:
+    script = (DOCKER_DIR / "test-images.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(DOCKER_DIR / "test-images.sh")]).returncode == 0
+    built = re.search(r"^CPU_IMAGES=\((.*)\)$", script, re.M).group(1).split()
+    version = re.search(r"^TAG_VERSION=(\S+)$", script, re.M).group(1)
+    services = compose()["services"]
+    cpu_images = {service["image"] for service in services.values() if not service.get("profiles")}
+    assert cpu_images == {f"cppo/{name}:{version}" for name in built}
+    for name in built:
+        assert (DOCKER_DIR / f"{name}.Dockerfile").exists()
+    assert "make test-images" in (REPO / ".ci" / "run").read_text()
+
+
 # --------------------------------------------------------------------------------------------- compose
 
 

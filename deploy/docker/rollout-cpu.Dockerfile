@@ -11,14 +11,20 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # The CPU build of torch first, as `make setup` does, so that `pip install .` pulls no CUDA build.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+COPY deploy/docker/pip.sh /usr/local/bin/cppo-pip
+# An extra index, not the only one: its torch==2.13.0+cpu outranks PyPI's 2.13.0 (a local version sorts
+# higher), and torch's own dependencies come from the main index, so an index holding only torch is enough.
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.pem \
+    cppo-pip install --extra-index-url "${TORCH_INDEX_URL}" torch==2.13.0
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared shared
 COPY trainer trainer
 COPY rollout_server rollout_server
 COPY reward_server reward_server
-RUN pip install .
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.pem cppo-pip install .
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin cppo \

@@ -10,22 +10,28 @@ ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
 # Stage 1: the project as a wheel (no dependencies), built away from the large base.
 FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+COPY deploy/docker/pip.sh /usr/local/bin/cppo-pip
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared shared
 COPY trainer trainer
 COPY rollout_server rollout_server
 COPY reward_server reward_server
-RUN pip wheel --no-deps --wheel-dir /wheels .
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.pem cppo-pip wheel --no-deps --wheel-dir /wheels .
 
 # Stage 2: the vLLM image plus the wheel. Every package already in the image is held at its version (the
 # constraints file), so the install can add the project's own dependencies but never swap vLLM's torch or
 # transformers: a conflict fails the build instead of producing a broken engine.
 FROM ${VLLM_IMAGE} AS runtime
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+COPY --from=wheel /usr/local/bin/cppo-pip /usr/local/bin/cppo-pip
 COPY --from=wheel /wheels /tmp/wheels
-RUN python3 -m pip list --format=freeze > /tmp/constraints.txt \
-    && python3 -m pip install --constraint /tmp/constraints.txt /tmp/wheels/*.whl \
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.pem python3 -m pip list --format=freeze > /tmp/constraints.txt \
+    && cppo-pip install --constraint /tmp/constraints.txt /tmp/wheels/*.whl \
     && python3 -c "import vllm, rollout_server; assert vllm.__version__.startswith('0.33.0'), vllm.__version__" \
     && rm -rf /tmp/wheels /tmp/constraints.txt \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin cppo \

