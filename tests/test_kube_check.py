@@ -148,6 +148,8 @@ def test_the_cpu_demo_becomes_one_valid_pod_with_every_container_and_volume(rend
     assert [c["name"] for c in pod["containers"]] == ["reward-reward", "rollout-rollout", "trainer-trainer"]
     # Every mount has its volume, and the claim is one volume shared by all, under the check's own name.
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    # kube play keeps some volumes after the pod: each carries the check's name, never anyone else's.
+    assert all(name.startswith("kube-check-") for name in volumes)
     for container in pod["initContainers"] + pod["containers"]:
         for mount in container.get("volumeMounts", []):
             assert mount["name"] in volumes, (container["name"], mount["name"])

@@ -315,8 +315,8 @@ class Converted:
     pod: str
     trainer: str  # the trainer's container
     probes: list[Probe]
-    volumes: list[str]  # the named volumes kube play creates for the claims and ConfigMaps
-    run_dir: str
+    volumes: list[str]  # the named volumes kube play may create: claims, ConfigMaps, emptyDirs
+    run_volume: tuple[str, str]  # the trainer's run_dir: the volume, and the folder in it
     steps: int
 
 
@@ -350,7 +350,7 @@ def convert(objects: list[dict], steps: int, image_prefix: str, prefix: str = "k
         raise CheckError(f"the overlay has no Job {TRAINER_JOB} to run")
     secrets = secret_values(objects)
     pod_name = prefix
-    # kube play makes a named volume of each claim and each ConfigMap, which stays after the pod.
+    # kube play makes a named volume of each claim and ConfigMap (and some emptyDirs) that outlives the pod.
     claims = {name: f"{prefix}-{name}" for name in named(objects, "PersistentVolumeClaim")}
     config_names = {name: f"{prefix}-{name}" for name in named(objects, "ConfigMap")}
     services = sorted(named(objects, "Service"))
@@ -378,7 +378,7 @@ def convert(objects: list[dict], steps: int, image_prefix: str, prefix: str = "k
         for volume in spec.get("volumes", []):
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
             # A claim is one volume for every pod; anything else belongs to its own pod.
-            new = claims[claim] if claim else f"{short}-{volume['name']}"
+            new = claims[claim] if claim else f"{prefix}-{short}-{volume['name']}"
             renamed[volume["name"]] = new
             volume = {**volume, "name": new}
             if claim:
@@ -433,6 +433,12 @@ def convert(objects: list[dict], steps: int, image_prefix: str, prefix: str = "k
                 "spec": claim["spec"],
             }
         )
+    trainer_mounts = next(c for c in containers if c["name"] == trainer)["volumeMounts"]
+    holding = max(
+        (m for m in trainer_mounts if Path(run_dir).is_relative_to(m["mountPath"])),
+        key=lambda m: len(m["mountPath"]),
+    )
+    run_volume = (holding["name"], str(Path(run_dir).relative_to(holding["mountPath"])))
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -452,8 +458,8 @@ def convert(objects: list[dict], steps: int, image_prefix: str, prefix: str = "k
         pod=pod_name,
         trainer=f"{pod_name}-{trainer}",
         probes=probes,
-        volumes=[*claims.values(), *config_names.values()],
-        run_dir=run_dir,
+        volumes=[*volumes, *config_names.values()],
+        run_volume=run_volume,
         steps=steps,
     )
 
@@ -507,14 +513,13 @@ def run(converted: Converted, timeout_s: float) -> None:
             exit_code = wait_for_trainer(converted, started + timeout_s)
             say(f"the trainer exited with {exit_code} after {time.monotonic() - started:.0f} s")
             problems = check_run(converted, exit_code)
+            if problems:
+                raise CheckError("; ".join(problems))
         except BaseException:
             dump_logs(converted)
             raise
         finally:
             teardown(converted, manifest)
-        if problems:
-            dump_logs(converted)
-            raise CheckError("; ".join(problems))
         say(f"run: passed in {time.monotonic() - started:.0f} s")
 
 
@@ -541,8 +546,11 @@ def check_run(converted: Converted, exit_code: int) -> list[str]:
             problems.append(
                 f"{probe.container}'s {probe.kind} GET {probe.path} on :{probe.port} answered {status}"
             )
-    metrics = podman("exec", inside, "cat", f"{converted.run_dir}/metrics.jsonl", check=False)
-    steps = [json.loads(line)["step"] for line in metrics.splitlines() if line.strip()]
+    volume, folder = converted.run_volume
+    mountpoint = podman("volume", "inspect", "--format", "{{.Mountpoint}}", volume).strip()
+    metrics = Path(mountpoint, folder, "metrics.jsonl")
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    steps = [json.loads(line)["step"] for line in lines if line.strip()]
     expected = list(range(converted.steps + 1))  # step 0 is the first evaluation
     say(f"metrics.jsonl: steps {steps}")
     if steps != expected:
