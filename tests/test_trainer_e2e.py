@@ -11,6 +11,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from statistics import fmean
 
 import httpx
 import pandas as pd
@@ -372,17 +373,22 @@ def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: flo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("staleness", [0, 1])
-def test_resume_after_sigkill_continues_as_if_never_stopped(tmp_path, inputs, servers, staleness):
+@pytest.mark.parametrize(("staleness", "lora"), [(0, None), (1, None), (0, {"r": 4, "dropout": 0.1})])
+def test_resume_after_sigkill_continues_as_if_never_stopped(tmp_path, inputs, servers, staleness, lora):
     """A resumed run takes the same prompts at every step; on-policy, also the same rewards and weights.
 
     With max_staleness 1, the step after the checkpoint was already sampled when the run died; the checkpoint
-    records the data position of the step it trained, so the resumed run samples that step's prompts again."""
+    records the data position of the step it trained, so the resumed run samples that step's prompts again.
+    A LoRA run (its dropout drawing from the restored RNG) resumes from the adapter, and the base model."""
     urls, reward = [servers["rollout"].url], servers["reward"].url
     straight_dir, broken_dir = tmp_path / "straight", tmp_path / "broken"
     straight_dir.mkdir()
     broken_dir.mkdir()
-    sections = {"train": {"steps": 5, "max_staleness": staleness}, "checkpoint": {"every": 2, "keep": 3}}
+    sections = {
+        "train": {"steps": 5, "max_staleness": staleness},
+        "checkpoint": {"every": 2, "keep": 3},
+        "model": {"path": str(inputs["model"]), "lora": lora},
+    }
     straight = _train("--config", str(_config(straight_dir, inputs, urls, reward, **sections)))
     assert straight.returncode == 0, straight.stderr
 
@@ -405,8 +411,10 @@ def test_resume_after_sigkill_continues_as_if_never_stopped(tmp_path, inputs, se
         return
     for x, y in zip(a, b, strict=True):
         assert x["reward_mean"] == pytest.approx(y["reward_mean"])
-    final_a = load_file(straight_dir / "run/checkpoints/step-000005/policy/model.safetensors")
-    final_b = load_file(broken_dir / "run/checkpoints/step-000005/policy/model.safetensors")
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    final_a = load_file(straight_dir / "run/checkpoints/step-000005/policy" / weights)
+    final_b = load_file(broken_dir / "run/checkpoints/step-000005/policy" / weights)
+    assert final_a.keys() == final_b.keys()
     for name in final_a:
         torch.testing.assert_close(final_a[name], final_b[name], atol=1e-6, rtol=1e-5)
 
@@ -623,3 +631,30 @@ def test_the_demo_still_learns_on_samples_one_version_stale(tmp_path):
     assert [m["step"] for m in metrics] == list(range(101))
     assert all(m["staleness_mean"] == 1 for m in metrics[2:])
     assert metrics[0]["eval_accuracy_greedy"] <= 0.2 and metrics[100]["eval_accuracy_greedy"] >= 0.5
+
+
+@pytest.mark.slow
+def test_the_lora_demo_learns(tmp_path):
+    """`configs/demo-lora.yaml` for 100 steps: a LoRA adapter on the frozen tiny model (and the merger
+    trained whole) learns the colour task as full fine-tuning does. The replica samples from the merged
+    weights the trainer publishes: without them the rewards could not rise."""
+    run = tmp_path / "run"
+    overrides = [
+        f"run_dir={run}",
+        f"model.path={tmp_path / 'model'}",
+        f"data.path={tmp_path / 'data'}",
+        "train.steps=100",
+        "eval.every=50",
+        "checkpoint.every=0",
+        "log.progress=false",
+        "log.tensorboard=false",
+    ]
+    command = [sys.executable, "-m", "shared.cli", "stack", "up", "--config", "configs/demo-lora.yaml"]
+    done = _train(*overrides, launcher=command, timeout=900)
+    assert done.returncode == 0, done.stderr
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == list(range(101))
+    assert metrics[0]["eval_accuracy_greedy"] <= 0.2 and metrics[100]["eval_accuracy_greedy"] >= 0.5
+    first, last = (fmean(m["reward_mean"] for m in metrics[a:b]) for a, b in ((1, 11), (91, 101)))
+    assert last > first + 0.1
+    assert (run / "checkpoints/step-000100/policy/adapter_model.safetensors").is_file()

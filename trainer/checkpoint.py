@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import PeftConfig, PeftModel
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import ProcessorMixin
 
 from shared.vlm import load_model, load_processor
 from trainer.distributed import barrier, rank
@@ -140,16 +140,17 @@ def export(checkpoint: Path, out: Path, merge: bool = False) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     if merge and is_adapter(policy):
-        merged_model(policy).save_pretrained(out)
-        load_processor(policy).save_pretrained(out)
-        return out
+        return write_merged(policy, out)
     for file in policy.iterdir():
         shutil.copy2(file, out / file.name)
     return out
 
 
-def merged_model(adapter: Path) -> PreTrainedModel:
-    """The base model the adapter names, in its own dtype, with the adapter merged into its weights."""
+def write_merged(adapter: Path, out: Path) -> Path:
+    """A Hugging Face folder of the base model the adapter names (in its own dtype) with the adapter merged
+    into its weights, and the processor saved beside the adapter."""
     base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     model = PeftModel.from_pretrained(load_model(base, dtype="auto"), str(adapter))
-    return model.merge_and_unload()
+    model.merge_and_unload().save_pretrained(out)
+    load_processor(adapter).save_pretrained(out)
+    return out

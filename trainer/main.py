@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,7 +100,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def run_inspect(args: argparse.Namespace) -> None:
     _name_the_accelerator()
-    from trainer.checkpoint import resolve
+    from trainer.checkpoint import is_adapter, resolve, write_merged
     from trainer.config import load_config
     from trainer.inspect_page import write_inspection
 
@@ -114,9 +115,13 @@ def run_inspect(args: argparse.Namespace) -> None:
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
     config = load_config(config_file, overrides)
-    model = str(args.model or resolve(args.run, "latest") / "policy")
+    model = Path(args.model or resolve(args.run, "latest") / "policy")
     out = args.out or (args.run / "inspect.html" if args.run is not None else Path("inspect.html"))
-    written = write_inspection(config, model, args.prompts, out, args.rollout_url, args.reward_url)
+    with tempfile.TemporaryDirectory(prefix="cppo-inspect-") as scratch:
+        if is_adapter(model):
+            # A LoRA run's checkpoint holds its adapter; the servers and the passes take a whole model.
+            model = write_merged(model, Path(scratch))
+        written = write_inspection(config, str(model), args.prompts, out, args.rollout_url, args.reward_url)
     print(f"wrote {written}")
 
 
