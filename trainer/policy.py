@@ -190,10 +190,16 @@ def load_for_deepspeed(path: str, dtype: torch.dtype, ds_config: dict) -> PreTra
         return load_model(path, dtype=dtype)
     switch = HfDeepSpeedConfig(ds_config)
     try:
-        return load_model(path, dtype=dtype)
+        model = load_model(path, dtype=dtype)
     finally:
         unset_hf_deepspeed_config()
         del switch
+    # transformers' ZeRO-3 loading keeps every renaming it knows as the ones to undo when saving, where its
+    # usual loading keeps those the checkpoint needed (Qwen2.5-VL: 2 of 8); undoing the legacy ones too would
+    # save and publish `model.model.layers.*` for `model.layers.*`.
+    if conversions := getattr(model, "_weight_conversions", None):
+        model._weight_conversions = [c for c in conversions if c.was_used()]
+    return model
 
 
 def reference_config(ds_config: dict) -> dict:
@@ -224,7 +230,8 @@ def reference_model(path: str, dtype: torch.dtype, ds_config: dict) -> torch.nn.
         config = reference_config(ds_config)
         reference, *_ = deepspeed.initialize(model=load_for_deepspeed(path, dtype, config), config=config)
     reference.requires_grad_(False)
-    return reference.eval()
+    reference.eval()  # a DeepSpeed engine's eval() returns None, not the engine
+    return reference
 
 
 def response_logprobs(
