@@ -181,3 +181,26 @@ def test_a_lora_checkpoint_holds_the_adapter_and_exports_it_or_the_merged_model(
         assert all(torch.equal(resumed[name], merged[name]) for name in merged)
     with pytest.raises(checkpoint.CheckpointError, match="written by a LoRA run"):
         checkpoint.load(_policy(tiny), saved)
+
+
+def test_under_zero3_the_merged_weights_and_the_reference_are_stage_0s(tiny, tmp_path):
+    """Sharded (one process here), the adapters are gathered with the rest for the merge and the reference."""
+    import deepspeed
+
+    whole = _policy(tiny, "model.lora={r: 4}", "objective.beta=0.01")
+    _train_the_adapter_a_little(whole)
+    sharded = _policy(tiny, "model.lora={r: 4}", "objective.beta=0.01", "deepspeed.zero_stage=3")
+    assert sharded.engine.zero_optimization_stage() == 3 and sharded.reference is None
+    trained = dict(whole.engine.module.named_parameters())
+    parameters = list(sharded.engine.module.named_parameters())
+    with torch.no_grad(), deepspeed.zero.GatheredParameters([p for _, p in parameters], modifier_rank=0):
+        for name, parameter in parameters:
+            parameter.copy_(trained[name])
+    with whole.full_weights() as expected, sharded.full_weights() as published:
+        assert published.keys() == expected.keys()
+        assert all(torch.equal(published[name], expected[name]) for name in expected)
+    batch, _ = _batch(tiny)
+    torch.testing.assert_close(sharded.reference_logprobs(batch), whole.reference_logprobs(batch))
+    sharded.save_adapter(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter/adapter_model.safetensors")
+    assert saved and all(saved[name].numel() for name in saved)
