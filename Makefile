@@ -86,3 +86,11 @@ $(VLLM_STAMP): pyproject.toml
 
 test-vllm: setup-vllm
 	$(VLLM_PY) -m pytest -m vllm
+
+# The CPU images built with podman on a base made from Debian's packages (no registry), smoke-tested, and the
+# compose demo run in containers for a few steps; the GPU Dockerfiles linted. Needs root: .ci/run calls it
+# after `make test`. What it proves and what not: docs/deploy.md.
+.PHONY: test-images
+
+test-images:
+	bash deploy/docker/test-images.sh
