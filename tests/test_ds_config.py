@@ -154,12 +154,33 @@ def test_a_missing_deepspeed_json_is_named_when_the_config_loads(tmp_path):
         load_config(None, [f"deepspeed.config_file={tmp_path / 'nope.json'}"])
 
 
-def test_the_shipped_accelerate_zero3_config_leaves_the_batch_shape_to_the_run():
+def test_the_shipped_accelerate_zero3_config_leaves_the_batch_shape_and_sizes_to_the_run():
     shipped = Path(__file__).resolve().parents[1] / "configs/accelerate"
     launch = yaml.safe_load((shipped / "deepspeed_zero3.yaml").read_text())
     assert launch["deepspeed_config"]["deepspeed_config_file"] == "configs/accelerate/zero3.json"
     config = _config(deepspeed={"config_file": str(shipped / "zero3.json")})
-    ds = deepspeed_config(config, 6, processes=8)
+    ds = deepspeed_config(config, 6, processes=8, hidden_size=512)
     assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 235_929  # "auto": from the width
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 6)
     assert (ds["train_batch_size"], ds["bf16"]["enabled"]) == (4 * 6 * 8, False)
+
+
+def test_zero3_sizes_follow_the_model_width_where_the_json_does_not_set_them(tmp_path):
+    """Accelerate's rule (h², 0.9·h², 10·h), and 0.9·h² live or reused parameters; a JSON's "auto" takes
+    them too, a value it sets stays, and below stage 3 the training config adds none."""
+    ours = deepspeed_config(_config(deepspeed={"zero_stage": 3}), 1, processes=2, hidden_size=512)
+    assert {k: v for k, v in ours["zero_optimization"].items() if k != "stage"} == {
+        "reduce_bucket_size": 262_144,
+        "stage3_prefetch_bucket_size": 235_929,
+        "stage3_param_persistence_threshold": 5_120,
+        "stage3_max_live_parameters": 235_929,
+        "stage3_max_reuse_distance": 235_929,
+    }
+    zero = {"stage": 3, "reduce_bucket_size": "auto", "stage3_max_live_parameters": 1000}
+    path = _json(tmp_path, {"zero_optimization": zero})
+    theirs = deepspeed_config(_config(deepspeed={"config_file": path}), 1, processes=1, hidden_size=512)
+    assert theirs["zero_optimization"]["reduce_bucket_size"] == 262_144
+    assert theirs["zero_optimization"]["stage3_max_live_parameters"] == 1000
+    below = deepspeed_config(_config(deepspeed={"zero_stage": 2}), 1, processes=1, hidden_size=512)
+    assert below["zero_optimization"] == {"stage": 2}

@@ -36,22 +36,45 @@ def use_bf16(config: TrainConfig) -> bool:
     return config.model.dtype == "bfloat16"
 
 
-def deepspeed_config(config: TrainConfig, gradient_accumulation_steps: int, processes: int) -> dict:
+def deepspeed_config(
+    config: TrainConfig, gradient_accumulation_steps: int, processes: int, hidden_size: int | None = None
+) -> dict:
     """The DeepSpeed JSON config for ``deepspeed.initialize``: ``processes`` data-parallel ranks, each
-    stepping once per ``gradient_accumulation_steps`` micro-batches."""
-    ours = _from_training_config(config, gradient_accumulation_steps)
+    stepping once per ``gradient_accumulation_steps`` micro-batches; ZeRO-3's sizes from the model's width
+    ``hidden_size`` where given (``zero3_sizes``), unless a launcher's JSON sets them."""
+    sizes = zero3_sizes(hidden_size) if hidden_size else {}
+    ours = _from_training_config(config, gradient_accumulation_steps, sizes)
     if config.deepspeed.config_file is None and not launched_by_accelerate_with_deepspeed():
         return ours
-    return _from_launcher(config, ours, processes)
+    return _from_launcher(config, ours, processes, sizes)
+
+
+def zero3_sizes(hidden_size: int) -> dict[str, int]:
+    """ZeRO-3's sizes from the language model's width h: Accelerate's rule for the buckets and the persistence
+    threshold (h², 0.9·h², 10·h), and 0.9·h² as the most parameters kept gathered at once or kept for reuse.
+
+    DeepSpeed's defaults (10⁹ parameters live and reuse distance) are sized for large models: they keep a
+    smaller one's parameters gathered after its first pass, so every rank holds the whole policy and the
+    whole reference again (measured in ``bench/memory.py``)."""
+    square = hidden_size * hidden_size
+    return {
+        "reduce_bucket_size": square,
+        "stage3_prefetch_bucket_size": int(0.9 * square),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_max_live_parameters": int(0.9 * square),
+        "stage3_max_reuse_distance": int(0.9 * square),
+    }
 
 
 def launched_by_accelerate_with_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
-def _from_training_config(config: TrainConfig, gradient_accumulation_steps: int) -> dict:
+def _from_training_config(config: TrainConfig, gradient_accumulation_steps: int, sizes: dict) -> dict:
     train = config.train
     zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
+    if config.deepspeed.zero_stage == 3:
+        zero |= sizes
     if config.deepspeed.offload and config.deepspeed.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
         if config.deepspeed.zero_stage == 3:
@@ -88,7 +111,7 @@ def _from_training_config(config: TrainConfig, gradient_accumulation_steps: int)
     return ds
 
 
-def _from_launcher(config: TrainConfig, ours: dict, processes: int) -> dict:
+def _from_launcher(config: TrainConfig, ours: dict, processes: int, sizes: dict) -> dict:
     """Accelerate's reading of the launcher settings and the DeepSpeed JSON, completed from ``ours``.
 
     Precedence, as in Accelerate: an explicit value in the JSON, then the launcher's flags, then this
@@ -132,6 +155,7 @@ def _from_launcher(config: TrainConfig, ours: dict, processes: int) -> dict:
         "scheduler.params.warmup_min_lr": 0,
         "scheduler.params.warmup_max_lr": train.lr,
         "scheduler.params.warmup_num_steps": train.warmup_steps,
+        **{f"zero_optimization.{key}": value for key, value in sizes.items()},
     }
     unfilled = [key for key in _auto_keys(ds) if key not in values]
     if unfilled:

@@ -17,7 +17,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from peft import PeftModel
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from shared.vlm import load_model
@@ -38,7 +38,9 @@ class Policy:
         self.config = config
         self.suppressed_ids = suppressed_ids
         self.temperature = config.rollout.temperature
-        self.deepspeed_config = deepspeed_config(config, micro_batches_per_mini_batch, world_size())
+        self.deepspeed_config = deepspeed_config(
+            config, micro_batches_per_mini_batch, world_size(), hidden_size(config.model.path)
+        )
         model = load_for_deepspeed(config.model.path, torch.float32, self.deepspeed_config)
         if config.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -202,17 +204,20 @@ def load_for_deepspeed(path: str, dtype: torch.dtype, ds_config: dict) -> PreTra
     return model
 
 
+def hidden_size(path: str) -> int:
+    """The language model's width, from the checkpoint's config (VLMs keep it in ``text_config``)."""
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config, "text_config", config).hidden_size
+
+
 def reference_config(ds_config: dict) -> dict:
-    """The frozen reference's DeepSpeed config: the policy's ZeRO-3 sharding and parameter offload, without
-    optimizer, gradients or accumulation (OpenRLHF's evaluation config)."""
-    zero = ds_config["zero_optimization"]
+    """The frozen reference's DeepSpeed config: the policy's ZeRO-3 partitioning, sizes and parameter
+    offload, without optimizer, gradients or accumulation (OpenRLHF's evaluation config)."""
+    zero = {key: value for key, value in ds_config["zero_optimization"].items() if key != "offload_optimizer"}
     return {
         "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {
-            "stage": 3,
-            **({"offload_param": zero["offload_param"]} if "offload_param" in zero else {}),
-        },
+        "zero_optimization": zero,
         "bf16": ds_config.get("bf16", {"enabled": False}),
         "steps_per_print": ds_config.get("steps_per_print", 1 << 30),
     }
