@@ -94,3 +94,10 @@ test-vllm: setup-vllm
 
 test-images:
 	bash deploy/docker/test-images.sh
+
+# The cpu-demo overlay's workloads as one pod under podman kube play, on the images test-images built, and
+# every overlay's static checks (docs/deploy.md).
+.PHONY: test-k8s
+
+test-k8s: setup
+	$(PY) deploy/k8s/kube_check.py --run cpu-demo
