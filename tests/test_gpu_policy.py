@@ -16,6 +16,7 @@ from shared.perturbations import perturb
 from shared.schemas import ChatMessage, ImagePart, ImageURL, PerturbedView, PromptRollout, Sample, TextPart
 from shared.tiny_model import build_tiny_model
 from shared.vlm import load_model, load_processor, suppressed_token_ids
+from shared.weight_broadcast import checkpoint_tensors
 from trainer.config import load_config
 from trainer.data import Example
 from trainer.distributed import init_distributed
@@ -65,9 +66,8 @@ def tiny(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=3)
 
 
-def test_a_cppo_micro_step_in_bf16_on_cuda(tiny):
-    assert torch.cuda.is_available()
-    processor = load_processor(tiny)
+def _rows(processor) -> list:
+    """Two prompts with two responses each, one rewarded; their CPPO rows with advantages ±0.7."""
     words = processor.tokenizer("red green blue yellow purple orange circle square").input_ids
     examples = [_example("a", (200, 30, 30)), _example("b", (30, 30, 200))]
     responses = {"a": [words[0:3], words[3:4]], "b": [words[4:6], words[1:4]]}
@@ -76,6 +76,13 @@ def test_a_cppo_micro_step_in_bf16_on_cuda(tiny):
     rows = make_rows(processor, examples, rollouts, rewards, PASSES, seed=0)
     for row, advantage in zip(rows, (0.7, -0.7, 0.7, -0.7), strict=True):
         row.advantage = advantage
+    return rows
+
+
+def test_a_cppo_micro_step_in_bf16_on_cuda(tiny):
+    assert torch.cuda.is_available()
+    processor = load_processor(tiny)
+    rows = _rows(processor)
     batch = collate(rows, PASSES, processor.tokenizer.pad_token_id)
 
     init_distributed()
@@ -119,3 +126,33 @@ def test_a_cppo_micro_step_in_bf16_on_cuda(tiny):
     assert changed, "the optimizer step changed no weight"
     with policy.full_weights() as state:
         assert state is not None and all(t.device.type == "cpu" for t in state.values())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["deepspeed.zero_stage=3"],
+        ["model.lora={}"],
+        ["model.lora={}", "deepspeed.zero_stage=3"],
+    ],
+    ids=["zero3", "lora", "lora-zero3"],
+)
+def test_lora_and_zero3_train_with_a_reference_and_publish_the_checkpoint_names_on_cuda(tiny, options):
+    """β > 0: the reference is a sharded engine (ZeRO-3) or the adapter switched off (LoRA); its KL starts
+    at zero, the step trains, and the published weights have the checkpoint's names and shapes."""
+    processor = load_processor(tiny)
+    batch = collate(_rows(processor), PASSES, processor.tokenizer.pad_token_id)
+    init_distributed()
+    overrides = [f"model.path={tiny}", "objective.beta=0.01", "train.micro_batch_size=4", "train.lr=1e-3"]
+    policy = Policy(load_config(None, [*overrides, *options]), 1, suppressed_token_ids(processor.tokenizer))
+    assert policy.engine.device.type == "cuda"
+    metrics = policy.micro_step(batch, None, 1.0, None)
+    assert metrics["kl_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and policy.grad_norm() > 0
+    on_disk = load_model(tiny, dtype=torch.float32).state_dict()
+    with policy.full_weights() as state:
+        published = checkpoint_tensors(policy.model, state)
+    expected = checkpoint_tensors(load_model(tiny, dtype=torch.float32), on_disk)
+    assert {n: tuple(t.shape) for n, t in published.items()} == {
+        n: tuple(t.shape) for n, t in expected.items()
+    }
