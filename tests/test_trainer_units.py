@@ -90,6 +90,44 @@ def test_prefix_shared_passes_equal_full_sequence_passes(tiny):
             torch.testing.assert_close(shared[b, :length], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_under_gradient_checkpointing_whole_sequences_give_the_shared_passes_logits_and_gradients(tiny):
+    """Checkpointed layers keep no KV cache, so each response runs with its prompt: prompts with one and two
+    images, their patches repeated per response, give the prefix-shared logits and the same gradient."""
+    processor = load_processor(tiny)
+    two = Image.new("RGB", (56, 84), (30, 200, 30))
+    example_two = _example("b", "Which colours?", (30, 30, 200))
+    parts = [
+        *example_two.messages[0].content,
+        ImagePart(type="image_url", image_url=ImageURL(url=encode_image_data_url(two))),
+    ]
+    example_two = Example("b", (ChatMessage(role="user", content=parts),), (*example_two.images, two), "blue")
+    examples = [_example("a", "What colour is the shape?", (200, 30, 30)), example_two]
+    words = processor.tokenizer("red green blue yellow purple orange circle square left right").input_ids
+    responses = {"a": [words[0:4], words[4:5]], "b": [words[5:7], words[1:4], words[6:10]]}
+    rollouts = [_rollout(processor, e, responses[e.id]) for e in examples]
+    rewards = {(e.id, i): (0.0, {}) for e in examples for i in range(len(responses[e.id]))}
+    rows = make_rows(processor, examples, rollouts, rewards, ["clean"], seed=0)
+    batch = collate(rows, ["clean"], processor.tokenizer.pad_token_id)
+    gradients, logits = {}, {}
+    for checkpointed in (False, True):
+        model = load_model(tiny, dtype=torch.float32).train()
+        if checkpointed:
+            model.gradient_checkpointing_enable()
+        out = teacher_forced_logits(
+            model, batch.inputs["clean"], batch.owner, batch.response_ids, torch.float32
+        )
+        picked = out.log_softmax(-1).gather(-1, batch.response_ids[..., None])[..., 0]
+        picked[batch.response_mask].sum().backward()
+        logits[checkpointed] = out.detach()[batch.response_mask]
+        gradients[checkpointed] = {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+    assert gradients[True].keys() == gradients[False].keys() and gradients[True]
+    for name, gradient in gradients[True].items():
+        torch.testing.assert_close(gradient, gradients[False][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_a_stale_sample_is_clipped_against_its_behaviour_policy(tiny):
     """With max_staleness ≥ 1, ℓ_old is the rollout server's behaviour log-prob, so the ratio and the clip act
     on a sample an older version made; on-policy, the pass itself (detached) is ℓ_old and every ratio is 1."""

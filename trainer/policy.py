@@ -271,6 +271,10 @@ def teacher_forced_logits(
     if "pixel_values" in prompts:
         prompts["pixel_values"] = prompts["pixel_values"].to(dtype)
     owner, response_ids = owner.to(device), response_ids.to(device)
+    if checkpointing(transformers_model(model)):
+        # Checkpointed layers drop every KV cache (their backward replay would write it a second time), so
+        # no response can continue its prompt's: each runs with its prompt, as one whole sequence.
+        return whole_sequence_logits(model, prompts, owner, response_ids)
     core = transformers_model(model).model
     mask = prompts["attention_mask"]
     positions, _ = core.get_rope_index(
@@ -297,6 +301,58 @@ def teacher_forced_logits(
             use_cache=True,
         )
     return torch.cat([first, rest.logits], dim=1).float()
+
+
+def checkpointing(model: PreTrainedModel) -> bool:
+    """Whether this pass recomputes its layers in the backward pass (gradient checkpointing, training)."""
+    return (
+        model.training
+        and torch.is_grad_enabled()
+        and any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    )
+
+
+def whole_sequence_logits(
+    model: torch.nn.Module, prompts: dict[str, Tensor], owner: Tensor, response_ids: Tensor
+) -> Tensor:
+    """``teacher_forced_logits`` without a KV cache: each row's prompt (its images too) and its response in
+    one sequence, ``[B, R, V]``. The same numbers, at the cost of a prompt pass per response."""
+    rows = prompts_per_row(prompts, owner, transformers_model(model).config.vision_start_token_id)
+    width = response_ids.shape[1]
+    rows["input_ids"] = torch.cat([rows["input_ids"], response_ids[:, :-1]], dim=1)
+    rows["attention_mask"] = torch.cat([rows["attention_mask"], torch.ones_like(response_ids[:, :-1])], dim=1)
+    rows["mm_token_type_ids"] = torch.cat(
+        [rows["mm_token_type_ids"], torch.zeros_like(response_ids[:, :-1])], dim=1
+    )
+    positions, _ = transformers_model(model).model.get_rope_index(
+        rows["input_ids"],
+        rows["mm_token_type_ids"],
+        rows.get("image_grid_thw"),
+        attention_mask=rows["attention_mask"],
+    )
+    return model(**rows, position_ids=positions, use_cache=False, logits_to_keep=width).logits.float()
+
+
+def prompts_per_row(prompts: dict[str, Tensor], owner: Tensor, vision_start_id: int) -> dict[str, Tensor]:
+    """The prompt inputs of row ``b`` are prompt ``owner[b]``'s: token rows and image patches repeated.
+
+    ``pixel_values`` holds every image's patches one image after the other, in prompt order, and
+    ``image_grid_thw`` one (t, h, w) per image: an image has t·h·w patches, and a prompt as many images as
+    it has vision-start tokens."""
+    rows = {name: prompts[name][owner] for name in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "pixel_values" not in prompts:
+        return rows
+    grids = prompts["image_grid_thw"]
+    images = (prompts["input_ids"] == vision_start_id).sum(dim=1)
+    first_image = torch.cumsum(images, dim=0) - images
+    patches = grids.prod(dim=1)
+    first_patch = torch.cumsum(patches, dim=0) - patches
+    taken = [range(int(first_image[p]), int(first_image[p] + images[p])) for p in owner.tolist()]
+    rows["image_grid_thw"] = torch.cat([grids[list(ids)] for ids in taken])
+    rows["pixel_values"] = torch.cat(
+        [prompts["pixel_values"][first_patch[i] : first_patch[i] + patches[i]] for ids in taken for i in ids]
+    )
+    return rows
 
 
 def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
