@@ -3,6 +3,8 @@ fixtures more than one test file uses."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_launcher_variables_leak() -> Iterator[None]:
+    """A test that builds a policy in this process joins a group of one, and ``init_distributed`` sets the
+    launcher's variables for it; the group's store keeps listening on ``MASTER_PORT``. Undone after each
+    test, so that a later test's subprocess (a README example training with TRL) does not inherit them and
+    fail to bind that port."""
+    saved = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
