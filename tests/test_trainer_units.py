@@ -14,7 +14,7 @@ from shared.schemas import ChatMessage, ImagePart, ImageURL, PromptRollout, Samp
 from shared.tiny_model import build_tiny_model
 from shared.vlm import load_model, load_processor
 from trainer.data import Example
-from trainer.experience import collate, make_rows
+from trainer.experience import Batch, Row, collate, make_rows
 from trainer.policy import teacher_forced_logits
 
 LN = math.log
@@ -53,6 +53,17 @@ def _rollout(processor, example: Example, responses: list[list[int]]) -> PromptR
     return PromptRollout(prompt_id=example.id, prompt_token_ids=ids, samples=samples)
 
 
+def _clean_rows(processor, examples: list[Example]) -> tuple[list[Row], Batch]:
+    """Two responses to prompt "a" and three to "b", of ordinary words (a vision placeholder in a response
+    would break a whole-sequence reference pass), and their clean-pass batch."""
+    words = processor.tokenizer("red green blue yellow purple orange circle square left right").input_ids
+    responses = {"a": [words[0:4], words[4:5]], "b": [words[5:7], words[1:4], words[6:10]]}
+    rollouts = [_rollout(processor, e, responses[e.id]) for e in examples]
+    rewards = {(e.id, i): (0.0, {}) for e in examples for i in range(len(responses[e.id]))}
+    rows = make_rows(processor, examples, rollouts, rewards, ["clean"], seed=0)
+    return rows, collate(rows, ["clean"], processor.tokenizer.pad_token_id)
+
+
 def test_prefix_shared_passes_equal_full_sequence_passes(tiny):
     """One pass per prompt plus cached continuations gives the logits of a pass per whole sequence."""
     processor = load_processor(tiny)
@@ -61,13 +72,7 @@ def test_prefix_shared_passes_equal_full_sequence_passes(tiny):
         _example("a", "What colour is the shape?", (200, 30, 30)),
         _example("b", "Tell me, in one word, what colour fills this picture?", (30, 30, 200)),
     ]
-    # Ordinary words: a vision placeholder in a response would break the reference pass itself.
-    words = processor.tokenizer("red green blue yellow purple orange circle square left right").input_ids
-    responses = {"a": [words[0:4], words[4:5]], "b": [words[5:7], words[1:4], words[6:10]]}
-    rollouts = [_rollout(processor, e, responses[e.id]) for e in examples]
-    rewards = {(e.id, i): (0.0, {}) for e in examples for i in range(len(responses[e.id]))}
-    rows = make_rows(processor, examples, rollouts, rewards, ["clean"], seed=0)
-    batch = collate(rows, ["clean"], processor.tokenizer.pad_token_id)
+    rows, batch = _clean_rows(processor, examples)
     with torch.no_grad():
         shared = teacher_forced_logits(
             model, batch.inputs["clean"], batch.owner, batch.response_ids, torch.float32
@@ -102,12 +107,7 @@ def test_under_gradient_checkpointing_whole_sequences_give_the_shared_passes_log
     ]
     example_two = Example("b", (ChatMessage(role="user", content=parts),), (*example_two.images, two), "blue")
     examples = [_example("a", "What colour is the shape?", (200, 30, 30)), example_two]
-    words = processor.tokenizer("red green blue yellow purple orange circle square left right").input_ids
-    responses = {"a": [words[0:4], words[4:5]], "b": [words[5:7], words[1:4], words[6:10]]}
-    rollouts = [_rollout(processor, e, responses[e.id]) for e in examples]
-    rewards = {(e.id, i): (0.0, {}) for e in examples for i in range(len(responses[e.id]))}
-    rows = make_rows(processor, examples, rollouts, rewards, ["clean"], seed=0)
-    batch = collate(rows, ["clean"], processor.tokenizer.pad_token_id)
+    _, batch = _clean_rows(processor, examples)
     gradients, logits = {}, {}
     for checkpointed in (False, True):
         model = load_model(tiny, dtype=torch.float32).train()
