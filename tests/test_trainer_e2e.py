@@ -608,26 +608,33 @@ def test_stack_up_leaves_no_process_behind_whatever_the_signal(tmp_path, inputs,
     assert not alive, {pid: tree[pid] for pid in alive}
 
 
+def _stack_up(tmp_path: Path, config: str, steps: int, *overrides: str) -> list[dict]:
+    """``cppo stack up --config CONFIG`` for ``steps`` steps in ``tmp_path`` (model and data built there),
+    evaluated at the end only; the metrics rows."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "shared.cli", "stack", "up", "--config", config]
+    done = _train(
+        f"run_dir={run}",
+        f"model.path={tmp_path / 'model'}",
+        f"data.path={tmp_path / 'data'}",
+        f"train.steps={steps}",
+        f"eval.every={steps}",
+        "checkpoint.every=0",
+        "log.progress=false",
+        "log.tensorboard=false",
+        *overrides,
+        launcher=command,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr
+    return _metrics(run)
+
+
 @pytest.mark.slow
 def test_the_demo_still_learns_on_samples_one_version_stale(tmp_path):
     """`make demo`'s run for 100 steps with max_staleness 1: every sample after the first step was made by
     the previous version, and the ratio is taken against its behaviour log-probs."""
-    run = tmp_path / "run"
-    overrides = [
-        f"run_dir={run}",
-        f"model.path={tmp_path / 'model'}",
-        f"data.path={tmp_path / 'data'}",
-        "train.steps=100",
-        "train.max_staleness=1",
-        "eval.every=100",
-        "checkpoint.every=0",
-        "log.progress=false",
-        "log.tensorboard=false",
-    ]
-    command = [sys.executable, "-m", "shared.cli", "stack", "up", "--config", "configs/demo.yaml"]
-    done = _train(*overrides, launcher=command, timeout=900)
-    assert done.returncode == 0, done.stderr
-    metrics = _metrics(run)
+    metrics = _stack_up(tmp_path, "configs/demo.yaml", 100, "train.max_staleness=1")
     assert [m["step"] for m in metrics] == list(range(101))
     assert all(m["staleness_mean"] == 1 for m in metrics[2:])
     assert metrics[0]["eval_accuracy_greedy"] <= 0.2 and metrics[100]["eval_accuracy_greedy"] >= 0.5
@@ -639,23 +646,9 @@ def test_the_lora_demo_learns(tmp_path):
     whole) learns the colour task. The replica samples from the merged weights the trainer publishes: without
     them the rewards could not rise. Measured: reward 0.011 over steps 1-10, 0.10 over 41-50; greedy accuracy
     0.34 at steps 25 and 50 (chance is 1/6)."""
-    run = tmp_path / "run"
-    overrides = [
-        f"run_dir={run}",
-        f"model.path={tmp_path / 'model'}",
-        f"data.path={tmp_path / 'data'}",
-        "train.steps=50",
-        "eval.every=50",
-        "checkpoint.every=0",
-        "log.progress=false",
-        "log.tensorboard=false",
-    ]
-    command = [sys.executable, "-m", "shared.cli", "stack", "up", "--config", "configs/demo-lora.yaml"]
-    done = _train(*overrides, launcher=command, timeout=900)
-    assert done.returncode == 0, done.stderr
-    metrics = _metrics(run)
+    metrics = _stack_up(tmp_path, "configs/demo-lora.yaml", 50)
     assert [m["step"] for m in metrics] == list(range(51))
     assert metrics[0]["eval_accuracy_greedy"] <= 0.1 and metrics[50]["eval_accuracy_greedy"] >= 0.25
     first, last = (fmean(m["reward_mean"] for m in metrics[a:b]) for a, b in ((1, 11), (41, 51)))
     assert last >= first + 0.05, (first, last)
-    assert (run / "checkpoints/step-000050/policy/adapter_model.safetensors").is_file()
+    assert (tmp_path / "run/checkpoints/step-000050/policy/adapter_model.safetensors").is_file()
