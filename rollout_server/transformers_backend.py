@@ -49,7 +49,7 @@ from rollout_server.backend import (
     WeightsLoadError,
 )
 from shared.vlm import load_model, load_processor, suppressed_token_ids
-from shared.weight_broadcast import Invitation, copy_into, receive
+from shared.weight_broadcast import Invitation, Member, copy_into
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,12 @@ class TransformersBackend:
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self._member = Member()
+        # Broadcast buckets (see ``receive_broadcast``): the parameters are views of the last broadcast's,
+        # and the ones before are free to receive the next broadcast into. A load from a folder keeps both
+        # (its model uses neither), so that broadcasts after it do not fault their memory in again.
+        self._live_buckets: list[torch.Tensor] = []
+        self._spare_buckets: list[torch.Tensor] = []
 
     async def start(self) -> None:
         self.processor = await asyncio.to_thread(load_processor, self.model_id)
@@ -289,12 +295,16 @@ class TransformersBackend:
         self.model = model
 
     async def receive_broadcast(self, invitation: Invitation) -> None:
-        # In place: the tensors land in a staging copy first (``receive``), then into the live model.
-        tensors = await asyncio.to_thread(receive, invitation)
+        # The tensors land in buckets first (``receive``), then become the model's parameters
+        # (``copy_into``), which frees the buckets of the broadcast before. Those are written over next
+        # time, since fresh memory costs a page fault per 4 KiB, so the weights take twice their size from
+        # the second broadcast on.
+        tensors, buckets = await asyncio.to_thread(self._member.receive, invitation, self._spare_buckets)
         try:
             await asyncio.to_thread(copy_into, self.model, tensors)
         except ValueError as error:
             raise WeightsLoadError(f"the broadcast weights do not fit the model: {error}") from error
+        self._spare_buckets, self._live_buckets = self._live_buckets, buckets
 
     async def generate(self, request: GenerationRequest) -> Generation:
         inputs = await asyncio.to_thread(self._prepare, request.prompt, request.images)

@@ -30,9 +30,12 @@ from typing import Any
 import torch
 from vllm.config import set_current_vllm_config
 
-from shared.weight_broadcast import BroadcastError, Invitation, receive
+from shared.weight_broadcast import BroadcastError, Invitation, Member
 
 logger = logging.getLogger(__name__)
+
+_MEMBER = Member()
+"""This worker's end of the trainer's broadcasts (one worker per process: tensor parallelism is refused)."""
 
 
 class WeightReloadExtension:
@@ -57,7 +60,7 @@ class WeightReloadExtension:
         A failed transfer is returned as its message rather than raised, so that the backend can tell it
         (the serving weights untouched: every tensor is received before any is loaded) from a failed load."""
         try:
-            tensors = receive(Invitation.from_dict(invitation))
+            tensors, _ = _MEMBER.receive(Invitation.from_dict(invitation))
         except BroadcastError as error:
             return str(error)
         self._cppo_reload(weights_iterator=iter(tensors.items()))

@@ -143,17 +143,27 @@ class Policy:
         return float(norm) if norm is not None and math.isfinite(float(norm)) else float("nan")
 
     @contextmanager
-    def full_weights(self) -> Iterator[dict[str, Tensor] | None]:
+    def full_weights(self, copy: bool = True) -> Iterator[dict[str, Tensor] | None]:
         """The full state dict on rank 0 (gathered from the shards under ZeRO-3), None elsewhere; with
-        LoRA, the merged weights under the base model's names.
+        LoRA, the merged weights under the base model's names. Tied tensors (lm_head = embeddings) come
+        once, as save_pretrained stores them, so the names are exactly the served checkpoint's.
+
+        By default each tensor is a CPU copy of its own. Saving needs that: under ZeRO-1 and 2 the
+        parameters are views of one flat buffer, which save_pretrained refuses as shared tensors. With
+        ``copy=False``, below ZeRO-3, they are the model's own tensors where they are (a GPU's included),
+        which a broadcast sends from there (a 7B model's copy would cost seconds per step); they then hold
+        these weights only until the next optimizer step. Under ZeRO-3 they are always a copy, since the
+        gathered parameters are released when the context ends.
 
         Every rank must enter it: under ZeRO-3 the gather is collective."""
         module = self.engine.module
+        copy = copy or self.engine.zero_optimization_stage() == 3
         with self._gathered(list(module.parameters())):
             if rank() != 0:
                 yield None
             else:
-                yield _cpu_state(merged_state(module) if self.lora else module.state_dict())
+                state = _untied(merged_state(module) if self.lora else module.state_dict())
+                yield {name: t.to("cpu", copy=True) for name, t in state.items()} if copy else state
 
     def save_pretrained(self, folder: Path, state: dict[str, Tensor]) -> None:
         """A Hugging Face folder (config + safetensors) of ``state``, as the rollout server loads it."""
@@ -361,14 +371,13 @@ def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def _cpu_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A CPU copy of a state dict; tied tensors (lm_head = embeddings) once, as save_pretrained stores
-    them, so the copy has exactly the served checkpoint's names."""
+def _untied(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict with each tied tensor under its first name only, detached."""
     state, seen = {}, set()
     for name, tensor in tensors.items():
         key = (tensor.data_ptr(), tensor.shape)
         if tensor.numel() and key in seen:
             continue
         seen.add(key)
-        state[name] = tensor.detach().to("cpu", copy=True)
+        state[name] = tensor.detach()
     return state

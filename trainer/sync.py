@@ -45,8 +45,11 @@ class Publisher:
     def publish(self, version: int) -> int:
         """Send the current weights as ``version``; returns once every live replica reports it.
 
-        Every rank calls it (under ZeRO-3 gathering the weights is collective); rank 0 sends them."""
-        with self.policy.full_weights() as weights:
+        Every rank calls it (under ZeRO-3 gathering the weights is collective); rank 0 sends them. A
+        broadcast sends the model's own tensors (below ZeRO-3), so ``catch_up`` must come before the next
+        update changes them, as in the loop."""
+        broadcast = self.config.sync.mode == "broadcast"
+        with self.policy.full_weights(copy=not broadcast) as weights:
             if weights is not None:
                 if self.config.sync.mode == "reference":
                     folder = self.config.sync_dir() / f"v{version:06d}"
@@ -56,7 +59,7 @@ class Publisher:
                     with tempfile.TemporaryDirectory(prefix="cppo-publish-") as scratch:
                         self.policy.save_pretrained(Path(scratch), weights)
                         self.last_tensors = (Path(scratch) / "model.safetensors").read_bytes()
-                else:
+                else:  # broadcast
                     named = checkpoint_tensors(self.policy.model, weights)
                     self.last_broadcast = Broadcast(self._root(), named)
                 self._send(version)
