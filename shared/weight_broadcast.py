@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import socket
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -135,7 +136,10 @@ class Invitation:
 def checkpoint_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` (the model's own names) under the served checkpoint's names, as ``save_pretrained`` writes
     them: tied tensors once, and transformers' renaming at load time undone (Qwen2.5-VL keeps
-    ``model.language_model.*`` in memory and ``model.*`` on disk). The tensors are the same objects."""
+    ``model.language_model.*`` in memory and ``model.*`` on disk). The tensors are the same objects.
+
+    Transformers works the names out in milliseconds a call, a tenth of a publication's time on a 92 MB model,
+    so a renaming is worked out once per model and set of names."""
     unique, seen = {}, set()
     for name, tensor in state.items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
@@ -143,7 +147,21 @@ def checkpoint_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
             continue
         seen.add(key)
         unique[name] = tensor
-    return revert_weight_conversion(model, unique)
+    known = _RENAMINGS.setdefault(model, {})
+    names = tuple(unique)
+    if names not in known:
+        reverted = revert_weight_conversion(model, unique)
+        own = {id(tensor): name for name, tensor in unique.items()}
+        if any(id(tensor) not in own for tensor in reverted.values()):
+            return reverted  # a conversion that fuses or splits tensors makes new ones: nothing to remember
+        known[names] = {checkpoint: own[id(tensor)] for checkpoint, tensor in reverted.items()}
+    return {checkpoint: unique[name] for checkpoint, name in known[names].items()}
+
+
+_RENAMINGS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, ...], dict[str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per model (kept only as long as it lives) and set of its names: checkpoint name → the model's name."""
 
 
 def local_address_towards(host: str, port: int) -> str:

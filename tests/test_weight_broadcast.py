@@ -185,6 +185,20 @@ def test_a_broadcast_lands_in_the_served_model_tensor_by_tensor_and_samples_as_a
     assert same_completion(by_broadcast, by_value)
 
 
+def test_checkpoint_names_are_transformers_own_and_the_tensors_those_passed_each_time(new_weights):
+    """The renaming is remembered per model and set of names; the tensors must still be this call's."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    folder, _ = new_weights
+    model = load_model(folder, dtype=torch.float32)
+    for _ in range(2):
+        state = model.state_dict()  # tensor objects of this call's own
+        named = wb.checkpoint_tensors(model, state)
+        expected = revert_weight_conversion(model, {n: t for n, t in state.items() if n != "lm_head.weight"})
+        assert named.keys() == expected.keys() and any(n.startswith("model.layers.") for n in named)
+        assert all(named[name] is tensor for name, tensor in expected.items())
+
+
 def test_broadcasts_keep_their_group_and_land_in_two_sets_of_buckets_by_turns(in_process_server, new_weights):
     """Ending a gloo group waits about 20 ms on each side, so the group is kept while its members stay.
     Fresh memory costs a page fault per 4 KiB as it is first written, so the backend receives into the
