@@ -513,7 +513,8 @@ class WeightsBroadcast(_Owned):
 
     The trainer hosts a TCP store at ``host:port``; every replica it invited joins under ``session`` with its
     ``rank``, and the tensors arrive by broadcast from rank 0, packed in buckets of ``bucket_bytes`` (a tensor
-    larger than that travels alone), in the order of ``tensors``."""
+    larger than that travels alone), in the order of ``tensors``. The group outlives the broadcast: the next
+    one uses it again if its members are the same."""
 
     version: Version = Field(description="The policy version the weights are; samples are tagged with it.")
     host: str = Field(
