@@ -133,6 +133,12 @@ class Invitation:
         return cls(**{**data, "tensors": tensors})
 
 
+_RENAMINGS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, ...], dict[str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per model (kept only as long as it lives) and set of its names: checkpoint name → the model's name."""
+
+
 def checkpoint_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` (the model's own names) under the served checkpoint's names, as ``save_pretrained`` writes
     them: tied tensors once, and transformers' renaming at load time undone (Qwen2.5-VL keeps
@@ -140,13 +146,7 @@ def checkpoint_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
 
     Transformers works the names out in milliseconds a call, a tenth of a publication's time on a 92 MB model,
     so a renaming is worked out once per model and set of names."""
-    unique, seen = {}, set()
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        unique[name] = tensor
+    unique = untied(state)
     known = _RENAMINGS.setdefault(model, {})
     names = tuple(unique)
     if names not in known:
@@ -158,10 +158,17 @@ def checkpoint_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
     return {checkpoint: unique[name] for checkpoint, name in known[names].items()}
 
 
-_RENAMINGS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, ...], dict[str, str]]] = (
-    weakref.WeakKeyDictionary()
-)
-"""Per model (kept only as long as it lives) and set of its names: checkpoint name → the model's name."""
+def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tied tensor (lm_head = embeddings) under its first name only, as
+    ``save_pretrained`` stores them."""
+    unique, seen = {}, set()
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor
+    return unique
 
 
 def local_address_towards(host: str, port: int) -> str:

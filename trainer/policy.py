@@ -21,6 +21,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from shared.vlm import load_model
+from shared.weight_broadcast import untied
 from trainer.config import TrainConfig
 from trainer.distributed import rank, world_size
 from trainer.ds_config import deepspeed_config, use_bf16
@@ -162,7 +163,8 @@ class Policy:
             if rank() != 0:
                 yield None
             else:
-                state = _untied(merged_state(module) if self.lora else module.state_dict())
+                state = untied(merged_state(module) if self.lora else module.state_dict())
+                state = {name: tensor.detach() for name, tensor in state.items()}
                 yield {name: t.to("cpu", copy=True) for name, t in state.items()} if copy else state
 
     def save_pretrained(self, folder: Path, state: dict[str, Tensor]) -> None:
@@ -369,15 +371,3 @@ def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model inside a DeepSpeed engine and a PEFT wrapper, whichever of them are there."""
     model = getattr(model, "module", model)
     return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def _untied(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A state dict with each tied tensor under its first name only, detached."""
-    state, seen = {}, set()
-    for name, tensor in tensors.items():
-        key = (tensor.data_ptr(), tensor.shape)
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        state[name] = tensor.detach()
-    return state
