@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -86,6 +87,40 @@ def test_past_its_outage_budget_a_client_names_the_setting():
         replicas.rollouts(request.prompts, lambda chunk: request.model_copy(update={"prompts": chunk}))
     with pytest.raises(ReplicaError, match="none came back"):
         replicas.publish(3, path="/nowhere", tensors=None)
+
+
+def test_a_replica_that_is_ready_but_fails_every_publication_is_given_up_on_after_the_outage_budget():
+    """Up (``/ready`` answers 200) but failing (a 503 on every weights request): asked again until
+    rollout.outage_s, then a clear error, not forever."""
+    asked: list[float] = []
+    app = FastAPI()
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        return {"status": "ready"}
+
+    @app.post("/v1/weights")
+    async def weights() -> JSONResponse:
+        asked.append(time.monotonic())
+        return JSONResponse({"error": {"message": "reloading", "code": "unavailable"}}, status_code=503)
+
+    with app_in_a_thread(app) as port:
+        replicas = RolloutReplicas([f"http://127.0.0.1:{port}"], None, None, 5, attempts=1, outage_s=1)
+        with pytest.raises(ReplicaError, match=r"for rollout\.outage_s = 1 s: .*503"):
+            replicas.publish(1, path="/weights", tensors=None)
+    assert len(asked) >= 2
+
+
+def test_weights_every_replica_refuses_stop_the_publication_at_once_with_the_servers_reason(tmp_path):
+    """Weights that do not fit the served model will not fit later either: no waiting out outage_s."""
+    served = build_tiny_model(tmp_path / "served", seed=0)
+    other = build_tiny_model(tmp_path / "other", profile="vllm", seed=0)
+    with running_server("rollout-server", ["--model", str(served)], tmp_path) as server:
+        replicas = RolloutReplicas([server.url], None, None, timeout_s=60, attempts=1, outage_s=20)
+        with pytest.raises(ReplicaError, match=r"refused the weights of version 1: .*do not fit the served"):
+            replicas.publish(1, tensors=(other / "model.safetensors").read_bytes())
+        metrics = httpx.get(server.url + "/metrics").text
+    assert 'cppo_rollout_weight_updates_total{outcome="refused"} 1.0' in metrics
 
 
 def test_the_clients_ride_out_a_server_that_starts_late(tmp_path):

@@ -25,7 +25,7 @@ from shared.launch import free_port
 from shared.schemas import MIN_BUCKET_BYTES, TensorSpec, WeightsBroadcast
 from shared.tiny_model import build_tiny_model
 from shared.vlm import load_model
-from trainer.clients import Broadcast, RolloutReplicas
+from trainer.clients import Broadcast, ReplicaError, RolloutReplicas
 from trainer.sync import Publisher
 
 API_KEY = "broadcast-key"
@@ -285,6 +285,11 @@ def test_an_invitation_that_does_not_fit_is_refused_before_joining_and_names_the
             assert (response.status_code, error["field"]) == (status, field), response.text
             assert words in error["message"]
         assert client.get(url + "/v1/weights").json()["version"] == 0
+    # Through the trainer's client: when every replica refuses the tensors, the publication stops at once.
+    root = wb.Root(0, "gloo", bucket_bytes=MIN_BUCKET_BYTES, timeout_s=60)
+    partial = dict(list(weights.items())[1:])
+    with pytest.raises(ReplicaError, match=r"refused the weights of version 1: .*missing"):
+        replicas_of(url).publish(1, broadcast=Broadcast(root, partial))
     served = served_tensors(backend)
     assert all(torch.equal(served[name], before[name]) for name in before)
 

@@ -73,6 +73,21 @@ def refused_item(error: httpx.HTTPStatusError, collection: str) -> int | None:
     return int(index) if name == collection and index.isdigit() else None
 
 
+def refuses_the_weights(error: BaseException) -> bool:
+    """Whether a weights request failed for the weights themselves: a 4xx (they do not fit the served model,
+    are too large, the key is wrong), which sending them again cannot change. Not a 408 or 429, nor a
+    broadcast the replica could not join (``broadcast_failed``, a network matter)."""
+    if not isinstance(error, httpx.HTTPStatusError) or error.response.status_code in (408, 429):
+        return False
+    if not 400 <= error.response.status_code < 500:
+        return False
+    try:
+        code = ErrorResponse.model_validate_json(error.response.content).error.code
+    except ValueError:
+        return True
+    return code != "broadcast_failed"
+
+
 Refused = Callable[[Any, str], None]
 """Told of each prompt or item a server refused, and why; the request goes on without it."""
 
@@ -183,9 +198,12 @@ class RolloutReplicas:
 
     def _revive(self, deadline: float, failure: str) -> list[str]:
         """Every replica has failed: give each another chance, and wait until one answers ``/ready`` (a
-        restart, a network blip). ReplicaError past ``deadline``."""
+        restart, a network blip). ReplicaError past ``deadline``, even while replicas answer ``/ready``
+        but fail every request."""
         reasons = "; ".join(f"{url}: {why}" for url, why in self.dead.items()) or self.unresolved
-        left = max(0.0, deadline - time.monotonic())
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ReplicaError(f"{failure} for rollout.outage_s = {self.outage_s:g} s: {reasons}")
         log.warning("%s (%s); waiting up to %.0f s for a replica to come back", failure, reasons, left)
         self.refresh()
         try:
@@ -299,7 +317,8 @@ class RolloutReplicas:
     ) -> list[str]:
         """Load the weights on every live replica, or ``only`` those (by reference: ``path``; by value:
         ``tensors``; by collective broadcast: ``broadcast``), and return the replicas that report ``version``.
-        A replica that fails is set aside."""
+        A replica that fails is set aside. When every one refused the weights themselves (a 4xx: they do not
+        fit the served model, say), ReplicaError at once: waiting out ``outage_s`` cannot change that."""
 
         def push(url: str) -> str:
             if path is not None:
@@ -317,18 +336,16 @@ class RolloutReplicas:
 
         deadline: float | None = None
         while True:
-            synced = []
             targets = [url for url in self.live() if only is None or url in only]
             if broadcast is not None and targets:
-                synced = self._broadcast(version, broadcast, targets)
+                synced, refusals = self._outcomes(self._broadcast(version, broadcast, targets))
             else:
-                for url, future in [(url, self.pool.submit(push, url)) for url in targets]:
-                    try:
-                        synced.append(future.result())
-                    except (httpx.HTTPError, ValueError) as error:
-                        self._set_aside(url, error)
+                synced, refusals = self._outcomes([(url, self.pool.submit(push, url)) for url in targets])
             if synced:
                 return synced
+            if targets and len(refusals) == len(targets):
+                why = "; ".join(f"{url}: {reason}" for url, reason in refusals.items())
+                raise ReplicaError(f"every rollout replica refused the weights of version {version}: {why}")
             deadline = deadline or time.monotonic() + self.outage_s
             self._revive(deadline, f"no rollout replica loaded version {version}")
 
@@ -339,13 +356,28 @@ class RolloutReplicas:
             raise ValueError(f"{url} reports version {reported} after loading {version}")
         return url
 
-    def _broadcast(self, version: int, broadcast: Broadcast, targets: list[str]) -> list[str]:
+    def _outcomes(self, requests: list[tuple[str, Future[str]]]) -> tuple[list[str], dict[str, str]]:
+        """The replicas whose weights request reported the version, and those that refused the weights
+        themselves, with why. Every replica that failed is set aside."""
+        synced, refusals = [], {}
+        for url, future in requests:
+            try:
+                synced.append(future.result())
+            except (httpx.HTTPError, ValueError) as error:
+                self._set_aside(url, error)
+                if refuses_the_weights(error):
+                    refusals[url] = self.dead[url]
+        return synced, refusals
+
+    def _broadcast(
+        self, version: int, broadcast: Broadcast, targets: list[str]
+    ) -> list[tuple[str, Future[str]]]:
         """Invite ``targets`` to the broadcast (each with a rank of its own), send while they receive, and
-        return those that report ``version``.
+        return each one's request, done.
 
         An invitation is one attempt: a broadcast cannot be joined again once it has started. A replica that
-        refuses it (4xx), or that has not joined within ``sync.timeout_s``, is left out of the group and set
-        aside, and the others go on without it."""
+        refuses it (4xx), or that has not joined within ``sync.timeout_s``, is left out of the group (and
+        ``_outcomes`` sets it aside), and the others go on without it."""
         root = broadcast.root
         first = urlsplit(targets[0])
         address = local_address_towards(first.hostname or "localhost", first.port or 80)
@@ -381,13 +413,7 @@ class RolloutReplicas:
             root.broadcast(session, futures, lambda rank: futures[rank][1].done(), address, broadcast.weights)
         except BroadcastError as error:
             log.warning("weights broadcast of version %d failed: %s", version, error)
-        synced = []
-        for url, future in futures.values():
-            try:
-                synced.append(future.result())
-            except (httpx.HTTPError, ValueError) as error:
-                self._set_aside(url, error)
-        return synced
+        return list(futures.values())
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
